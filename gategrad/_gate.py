@@ -1,0 +1,174 @@
+"""The :class:`Gate` value object: shape, parameters, floor, estimator and granularity.
+
+A gate maps the probability ``p`` of the rejected response (or of one rejected token) to a
+weight ``g(p)`` in ``[0, 1]`` that multiplies the gradient flowing into the rejected log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any, Literal, Union
+
+ShapeName = Literal["sigmoid", "log_sigmoid", "hard", "power"]
+Shape = Union[ShapeName, Callable[[Any], Any]]
+
+SHAPES: tuple[str, ...] = ("sigmoid", "log_sigmoid", "hard", "power")
+GRANULARITIES: tuple[str, ...] = ("example", "token")
+_QUANTILE_RE = re.compile(r"^q(\d+(?:\.\d*)?)$")
+
+#: Parameters each named shape uses, with their defaults.
+#: The probability-space sigmoid defaults (alpha=200, tau=0.02, so alpha*tau=4 and
+#: g(0)=0.018) and the log-space defaults come from the lab sweep (docs/lab.md).
+SHAPE_DEFAULTS: dict[str, dict[str, float]] = {
+    "sigmoid": {"alpha": 200.0, "tau": 0.02},
+    "log_sigmoid": {"tau": 1e-4, "temperature": 1.0},
+    "hard": {"tau": 1e-4},
+    "power": {"tau": 1e-4, "exponent": 1.0},
+}
+_PARAMS: tuple[str, ...] = ("alpha", "tau", "temperature", "exponent")
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Gate parameter {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"Gate parameter {name} must be finite, got {value!r}")
+    return value
+
+
+def parse_estimator(estimator: str) -> float | None:
+    """Return the quantile for ``'qNN'`` estimators (``'q10'`` -> 0.10), else ``None``.
+
+    Raises ``ValueError`` for unknown names or quantiles outside ``[0, 1]``.
+    """
+    if estimator in ("seq", "mean", "min"):
+        return None
+    match = _QUANTILE_RE.match(estimator) if isinstance(estimator, str) else None
+    if match is None:
+        raise ValueError(
+            f"Gate estimator must be 'seq', 'mean', 'min' or 'qNN' (a percentile such as 'q10'), "
+            f"got {estimator!r}"
+        )
+    q = float(match.group(1)) / 100.0
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(
+            f"Gate estimator {estimator!r} asks for quantile {q:g}; the quantile must lie in "
+            f"[0, 1] (percentiles q0 to q100)"
+        )
+    return q
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """A validated, immutable gate specification.
+
+    Math, with ``p`` the estimated probability of the rejected response (or token):
+
+    - ``sigmoid``:     ``g = sigmoid(alpha * (p - tau))``  (the paper's gate)
+    - ``log_sigmoid``: ``g = sigmoid((log p - log tau) / temperature)``
+    - ``hard``:        ``g = 1[p >= tau]``
+    - ``power``:       ``g = min(1, (p / tau) ** exponent)``
+    - a callable ``f``: ``g = f(p)``, written with array operators of the input's framework;
+      it must return values in ``[0, 1]`` and be non-decreasing in ``p``.
+    - ``floor``: ``g <- floor + (1 - floor) * g``.
+
+    ``estimator`` reduces a rejected response's token log-probs to one ``p`` per example
+    (``granularity='example'``, the paper's): ``seq`` (geometric mean of token probabilities),
+    ``qNN`` (the NN-th percentile of token probabilities, ``q10`` in the paper), ``min`` or
+    ``mean`` (arithmetic mean of token probabilities). With ``granularity='token'`` every
+    rejected token is gated by its own probability and the estimator is not used.
+
+    Parameters left as ``None`` take the shape's default from :data:`SHAPE_DEFAULTS`.
+    Invalid values raise ``ValueError`` naming the parameter and its allowed range.
+    """
+
+    shape: Shape = "sigmoid"
+    alpha: float | None = None
+    tau: float | None = None
+    temperature: float | None = None
+    exponent: float | None = None
+    floor: float = 0.0
+    estimator: str = "seq"
+    granularity: Literal["example", "token"] = "example"
+
+    def __post_init__(self) -> None:
+        shape = self.shape
+        if callable(shape):
+            for name in _PARAMS:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"Gate parameter {name} is not used by a callable shape; "
+                        "put it inside the callable instead"
+                    )
+        elif shape not in SHAPES:
+            raise ValueError(f"Gate shape must be one of {SHAPES} or a callable, got {shape!r}")
+        else:
+            defaults = SHAPE_DEFAULTS[shape]
+            for name in _PARAMS:
+                value = getattr(self, name)
+                if name not in defaults:
+                    if value is not None:
+                        raise ValueError(
+                            f"Gate parameter {name} is not used by shape={shape!r}, which takes "
+                            f"{sorted(defaults)}"
+                        )
+                    continue
+                value = defaults[name] if value is None else _finite_number(name, value)
+                object.__setattr__(self, name, value)
+            self._check_ranges()
+        floor = _finite_number("floor", self.floor)
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"Gate parameter floor must lie in [0, 1), got {floor!r}")
+        object.__setattr__(self, "floor", floor)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"Gate granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        parse_estimator(self.estimator)
+
+    def _check_ranges(self) -> None:
+        tau = self.tau
+        assert tau is not None
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(
+                f"Gate parameter tau must lie in (0, 1] for a probability gate, got {tau!r}"
+            )
+        if self.alpha is not None and self.alpha <= 0.0:
+            raise ValueError(f"Gate parameter alpha must be > 0, got {self.alpha!r}")
+        if self.temperature is not None and self.temperature <= 0.0:
+            raise ValueError(f"Gate parameter temperature must be > 0, got {self.temperature!r}")
+        if self.exponent is not None and self.exponent <= 0.0:
+            raise ValueError(f"Gate parameter exponent must be > 0, got {self.exponent!r}")
+
+    @property
+    def quantile(self) -> float | None:
+        """The quantile of a ``qNN`` estimator (``q10`` -> 0.1), else ``None``."""
+        return parse_estimator(self.estimator)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The numeric parameters the shape uses, plus ``floor``."""
+        out = {n: getattr(self, n) for n in _PARAMS if getattr(self, n) is not None}
+        out["floor"] = self.floor
+        return out
+
+    def replace(self, **changes: Any) -> Gate:
+        """A copy with ``changes`` applied, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _unchecked(cls, **fields: Any) -> Gate:
+        """Build without validation (for traced parameters, e.g. JAX pytrees)."""
+        obj = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(obj, f.name, fields[f.name])
+        return obj
+
+
+#: Fields that hold numbers (pytree leaves in JAX) versus static structure.
+NUMERIC_FIELDS: tuple[str, ...] = (*_PARAMS, "floor")
+STATIC_FIELDS: tuple[str, ...] = ("shape", "estimator", "granularity")

@@ -1,0 +1,1 @@
+"""Integrations with training stacks: TRL, mlx-lm (imported on use)."""
