@@ -127,13 +127,30 @@ class JaxOps:
         return jnp.isnan(x)
 
     def any(self, x: jax.Array) -> bool:
-        return bool(jnp.any(x))
+        # Inside jit even ops on constants are staged out: no value to check then.
+        result = jnp.any(x)
+        return False if _is_tracer(result) else bool(result)
 
     def nonzero_rows(self, x: jax.Array) -> list[int]:
         return [int(i) for i in np.flatnonzero(np.asarray(x))]
 
     def logsumexp(self, x: jax.Array, axis: int = -1) -> jax.Array:
         return jax.nn.logsumexp(x, axis=axis)
+
+    def log_sigmoid(self, x: jax.Array) -> jax.Array:
+        return jax.nn.log_sigmoid(x)
+
+    def maximum(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.maximum(a, b)
+
+    def mean(self, x: jax.Array, axis: int | None = None) -> jax.Array:
+        return jnp.mean(x, axis=axis)
+
+    def concatenate(self, xs: list[jax.Array], axis: int = 0) -> jax.Array:
+        return jnp.concatenate(xs, axis=axis)
+
+    def as_index(self, x: jax.Array) -> jax.Array:
+        return x
 
 
 ops = JaxOps()

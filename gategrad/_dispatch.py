@@ -11,12 +11,12 @@ from typing import Any
 
 from ._xp import ArrayOps
 
-#: name -> (module that must be imported, attribute path of the array type, pip extra)
-_FRAMEWORKS: dict[str, tuple[str, str, str]] = {
-    "torch": ("torch", "Tensor", "torch"),
-    "jax": ("jax", "Array", "jax"),
-    "mlx": ("mlx.core", "array", "mlx"),
-    "numpy": ("numpy", "ndarray", "numpy"),  # checked last
+#: name -> (module that must already be imported, name of its array type)
+_FRAMEWORKS: dict[str, tuple[str, str]] = {
+    "torch": ("torch", "Tensor"),
+    "jax": ("jax", "Array"),
+    "mlx": ("mlx.core", "array"),
+    "numpy": ("numpy", "ndarray"),  # checked last
 }
 BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
 
@@ -25,7 +25,7 @@ _ops_cache: dict[str, ArrayOps] = {}
 
 
 def _detect(x: Any) -> str | None:
-    for name, (module, attr, _) in _FRAMEWORKS.items():
+    for name, (module, attr) in _FRAMEWORKS.items():
         mod = sys.modules.get(module)
         if mod is None:
             continue
@@ -87,7 +87,7 @@ def common_framework(**arrays: Any) -> str:
 def get_ops(name: str) -> ArrayOps:
     """The ops of backend ``name``, importing ``gategrad.backends.<name>`` on first use.
 
-    Raises ``ValueError`` for an unknown name and ``ImportError`` (with the pip extra to
+    Raises ``ValueError`` for an unknown name and ``ImportError`` (naming the pip extra to
     install) when the framework is not installed.
     """
     try:
@@ -96,16 +96,7 @@ def get_ops(name: str) -> ArrayOps:
         pass
     if name not in _FRAMEWORKS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    try:
-        module = _import_backend(name)
-    except ImportError as err:
-        if name == "numpy" or _FRAMEWORKS[name][0].split(".")[0] not in str(err):
-            raise
-        extra = _FRAMEWORKS[name][2]
-        raise ImportError(
-            f"the {name} backend needs {name}, which is not installed: "
-            f"pip install 'gategrad[{extra}]'"
-        ) from err
+    module = _import_backend(name)  # backends raise ImportError naming the pip extra
     ops: ArrayOps = module.ops
     _ops_cache[name] = ops
     return ops
