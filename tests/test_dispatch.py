@@ -1,0 +1,95 @@
+"""Lazy, per-call dispatch: no framework imported by ``import gategrad``, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _backends import skip_unless
+
+import gategrad
+from gategrad import Gate, gate_rejected
+from gategrad.testing import from_numpy
+
+
+def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    # cwd outside the repository: the installed package is what is imported
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_import_gategrad_imports_no_framework(tmp_path) -> None:
+    code = (
+        "import sys, gategrad, gategrad.testing, gategrad.testing.models\n"
+        "import numpy as np\n"
+        "gategrad.gate_rejected(np.zeros((2, 3)), gategrad.Gate())\n"
+        "bad = [m for m in ('torch', 'jax', 'mlx', 'jaxlib') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("framework", "extra"), [("torch", "torch"), ("jax", "jax"),
+                                                  ("mlx", "mlx")])
+def test_uninstalled_framework_names_the_pip_extra(tmp_path, framework: str, extra: str) -> None:
+    blocked = "mlx" if framework == "mlx" else framework
+    code = (
+        "import sys\n"
+        f"sys.modules[{blocked!r}] = None  # simulate a missing install\n"
+        "import gategrad\n"
+        "try:\n"
+        f"    gategrad.get_backend({framework!r})\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+        f"assert not gategrad.is_available({framework!r})\n"
+    )
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"pip install 'gategrad[{extra}]'" in out.stdout
+
+
+def test_unknown_backend_and_type() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        gategrad.get_backend("tensorflow")
+    with pytest.raises(TypeError, match="cannot handle builtins.list"):
+        gate_rejected([[-1.0, -2.0]], Gate())
+    with pytest.raises(TypeError, match="gate must be a gategrad.Gate"):
+        gate_rejected(np.zeros((2, 3)), {"tau": 0.1})
+
+
+@pytest.mark.parametrize(("a", "b"), [("torch", "numpy"), ("jax", "torch"), ("mlx", "jax"),
+                                      ("numpy", "mlx")])
+def test_mixed_frameworks_raise_type_error_naming_both(a: str, b: str) -> None:
+    skip_unless(a)
+    skip_unless(b)
+    x = from_numpy(a, np.full((2, 3), -1.0), "float32")
+    mask = from_numpy(b, np.ones((2, 3), bool))
+    with pytest.raises(TypeError, match=rf"{a} array but mask is a {b} array"):
+        gate_rejected(x, Gate(), mask)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "mlx"])
+def test_dispatch_finds_framework_and_caches_per_type(backend: str) -> None:
+    skip_unless(backend)
+    from gategrad import _dispatch
+
+    x = from_numpy(backend, np.zeros(3), "float32")
+    assert gategrad.framework_of(x) == backend
+    assert _dispatch._type_cache[type(x)] == backend
+    assert gategrad.framework_of(1.5) is None
+
+
+def test_torch_parameter_and_subclass_dispatch_to_torch() -> None:
+    skip_unless("torch")
+    import torch
+
+    p = torch.nn.Parameter(torch.full((2, 3), -0.5))
+    assert gategrad.framework_of(p) == "torch"
+    y = gate_rejected(p, Gate())
+    y.sum().backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()
