@@ -216,7 +216,7 @@ def test_gate_one_is_plain_trl(base, tmp_path, plain_run):
     assert_grads(capture.grads, plain_run[1], exact=True)
     assert attachment.hook.calls == 2
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all(h["gate/weight_mean"] == 1.0 for h in logs)
+    assert all(h["gate/mean"] == 1.0 for h in logs)
 
 
 def test_gate_zero_is_detached_rejected(base, tmp_path):
@@ -231,7 +231,7 @@ def test_gate_zero_is_detached_rejected(base, tmp_path):
     assert losses == ref_losses
     assert_grads(capture.grads, ref_capture.grads, exact=False, rtol=1e-6)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all(h["gate/weight_mean"] == 0.0 and h["gate/closed_frac"] == 1.0 for h in logs)
+    assert all(h["gate/mean"] == 0.0 and h["gate/frac_below_half"] == 1.0 for h in logs)
 
 
 def test_default_gate_loss_unchanged_gradient_mixture(base, tmp_path, plain_run):
@@ -261,8 +261,8 @@ def test_default_gate_loss_unchanged_gradient_mixture(base, tmp_path, plain_run)
     assert diff > 1e-6
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for h, step_w in zip(logs, w.reshape(2, -1), strict=True):
-        assert math.isclose(h["gate/weight_mean"], float(step_w.mean()), rel_tol=1e-5)
-        assert math.isclose(h["gate/weight_min"], float(step_w.min()), rel_tol=1e-5)
+        assert math.isclose(h["gate/mean"], float(step_w.mean()), rel_tol=1e-5)
+        assert math.isclose(h["gate/min"], float(step_w.min()), rel_tol=1e-5)
         assert 0.0 < h["gate/p_mean"] < 1.0
 
 

@@ -7,7 +7,7 @@
 
     trainer = DPOTrainer(model=policy, ref_model=ref, args=config, ...)
     attach(trainer, Gate())          # the paper's gate
-    trainer.train()                  # logs gate/weight_mean, gate/p_mean, ... with TRL's metrics
+    trainer.train()                  # logs gate/mean, gate/p_mean, ... with TRL's metrics
 
 What it does:
 
@@ -21,7 +21,7 @@ What it does:
   the batch's ``completion_mask`` (captured by a thin wrapper around ``trainer.compute_loss``);
 - the reference pass runs under ``torch.no_grad()`` and is never touched (also with PEFT, where the
   reference is the policy with its adapter disabled);
-- adds ``gate/weight_mean``, ``gate/weight_min``, ``gate/p_mean`` and ``gate/closed_frac``
+- adds ``gate/mean``, ``gate/min``, ``gate/p_mean`` and ``gate/frac_below_half``
   (fraction of rejected responses, or tokens, with ``g < 0.5``) to TRL's logged metrics,
   gathered over processes.
 
@@ -178,10 +178,10 @@ class GateAttachment:
         w_sum, w_n, p_sum, closed = (float(t) for t in totals)
         mode = "train" if self.trainer.model.training else "eval"
         m = self.metrics[mode]
-        m["gate/weight_mean"].append(w_sum / w_n)
-        m["gate/weight_min"].append(w_min)
+        m["gate/mean"].append(w_sum / w_n)
+        m["gate/min"].append(w_min)
         m["gate/p_mean"].append(p_sum / w_n)
-        m["gate/closed_frac"].append(closed / w_n)
+        m["gate/frac_below_half"].append(closed / w_n)
 
     def _wrap_log(self, log: Any) -> Any:
         @functools.wraps(log)
@@ -192,7 +192,7 @@ class GateAttachment:
             for key, values in stored.items():
                 if not values:
                     continue
-                if key == "gate/weight_min":
+                if key == "gate/min":
                     extra[key] = min(values)
                 else:
                     extra[key] = sum(values) / len(values)
