@@ -1,0 +1,120 @@
+"""Mass-dynamics metrics of a causal LM's responses, for any framework's logits.
+
+The squeezing effect (Ren & Sutherland, "Learning Dynamics of LLM Finetuning", ICLR 2025) shows
+up in where the model puts its probability mass. For each response, under teacher forcing
+(position ``t`` sees the true prefix ``y_<t``), with ``p_t = softmax(logits_t)``:
+
+==================  ===========================================================================
+``logp``            ``sum_t log p_t(y_t)``: the response's log-probability
+``argmax_logp``     ``sum_t max_v log p_t(v)``: log-prob of the per-position argmax response
+``except_argmax``   ``sum_t log(1 - max_v p_t(v))``: log-mass left for everything but the argmax
+``top1``            ``mean_t max_v p_t(v)``: mean top-1 mass
+``entropy``         ``mean_t H(p_t)`` in nats: mean per-position entropy
+==================  ===========================================================================
+
+Squeezing: ``argmax_logp`` and ``top1`` rise while ``entropy``, ``except_argmax`` and the
+log-probs of most other responses fall.
+
+Every function is written once against the backend ``ops`` (:mod:`gategrad._xp`), so it runs on
+NumPy, PyTorch, JAX and MLX arrays; results carry no gradient and are computed in
+``promote_types(dtype, float32)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._dispatch import common_framework, get_ops
+from ._xp import Array
+
+__all__ = ["METRIC_NAMES", "sequence_metrics", "to_numpy"]
+
+#: The per-sequence metrics :func:`sequence_metrics` returns, in order.
+METRIC_NAMES: tuple[str, ...] = ("logp", "argmax_logp", "except_argmax", "top1", "entropy")
+
+
+def sequence_metrics(
+    logits: Array,
+    labels: Array,
+    mask: Array | None = None,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> dict[str, Array]:
+    """Per-sequence mass metrics (see the module docstring), each of shape ``(B,)``.
+
+    Args:
+        logits: ``(B, T, V)`` logits of any float dtype, any framework.
+        labels: ``(B, T)`` integer token ids (the response being scored, teacher-forced).
+        mask: optional ``(B, T)`` mask aligned with ``labels`` (nonzero = the position counts),
+            e.g. the response mask; combined with ``labels != ignore_index``.
+        shift: ``True`` for causal-LM inputs (``logits[:, :-1]`` predict ``labels[:, 1:]``);
+            ``False`` when ``logits[:, t]`` already predicts ``labels[:, t]`` (for example a
+            softmax classifier seen as one-token responses, ``(N, 1, V)``).
+        ignore_index: label value of positions that do not count.
+
+    Returns:
+        ``{"logp", "argmax_logp", "except_argmax", "top1", "entropy"}``, arrays ``(B,)`` of the
+        input's framework without gradient. Rows with no counted position give sums of 0 and
+        means of NaN.
+
+    ``except_argmax`` is computed as ``logsumexp`` over the non-argmax classes, which stays
+    accurate when the top-1 mass is close to 1 (``log(1 - p)`` would round to ``-inf``); tied
+    maxima are all treated as the argmax.
+    """
+    ops = get_ops(common_framework(logits=logits, labels=labels, mask=mask))
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got "
+            f"{tuple(labels.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}"
+        )
+    x = ops.stop_gradient(logits)
+    x = ops.astype(x, ops.compute_dtype(x))
+    if shift:
+        if x.shape[1] < 2:
+            raise ValueError(f"shift=True needs T >= 2, got T = {x.shape[1]}")
+        x, labels = x[:, :-1], labels[:, 1:]
+        mask = None if mask is None else mask[:, 1:]
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & ops.bool_mask(mask)
+    zero = ops.full_like(x[..., 0], 0.0)
+
+    logp_all = x - ops.logsumexp(x, axis=-1)[..., None]  # (B, T, V) log-softmax
+    top = -ops.min(-logp_all, axis=-1)  # (B, T) max_v log p(v)
+    safe = ops.as_index(ops.where(valid, labels, ops.full_like(labels, 0)))
+    picked = ops.take_along_axis(logp_all, safe[..., None], axis=-1)[..., 0]
+    is_top = logp_all >= top[..., None]
+    rest = ops.logsumexp(ops.where(is_top, ops.full_like(logp_all, float("-inf")), logp_all))
+    probs = ops.exp(logp_all)
+    entropy = -ops.sum(probs * logp_all, axis=-1)
+
+    count = ops.sum(ops.astype(valid, zero.dtype), axis=-1)
+
+    def total(v: Array) -> Array:
+        return ops.sum(ops.where(valid, v, zero), axis=-1)
+
+    return {
+        "logp": total(picked),
+        "argmax_logp": total(top),
+        "except_argmax": total(rest),
+        "top1": total(ops.exp(top)) / count,
+        "entropy": total(entropy) / count,
+    }
+
+
+def to_numpy(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The same dict with every array converted to ``numpy.ndarray``."""
+    import numpy as np
+
+    out = {}
+    for key, value in metrics.items():
+        name = common_framework(value=value)
+        out[key] = np.asarray(get_ops(name).to_numpy(value))
+    return out
