@@ -46,8 +46,8 @@ def _gate_flatten(gate: Gate) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 
 
 def _gate_unflatten(static: tuple[Any, ...], numeric: tuple[Any, ...]) -> Gate:
-    fields = dict(zip(NUMERIC_FIELDS, numeric))
-    fields.update(zip(STATIC_FIELDS, static))
+    fields = dict(zip(NUMERIC_FIELDS, numeric, strict=False))
+    fields.update(zip(STATIC_FIELDS, static, strict=False))
     return Gate._unchecked(**fields)
 
 

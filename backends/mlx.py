@@ -47,7 +47,7 @@ class MlxOps:
     name = "mlx"
 
     def scale_grad(self, x: mx.array, weight: mx.array) -> mx.array:
-        return _scale_grad(x, mx.stop_gradient(weight))
+        return _scale_grad(x, mx.stop_gradient(weight))  # type: ignore[return-value]
 
     def stop_gradient(self, x: mx.array) -> mx.array:
         return mx.stop_gradient(x)

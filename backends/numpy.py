@@ -100,7 +100,7 @@ ops = NumpyOps()
 
 
 def scale_grad_vjp(cotangent: np.ndarray, weight: Any) -> np.ndarray:
-    """The backward of ``scale_grad``: ``(v * w)`` in ``promote_types(v.dtype, float32)``, cast back."""
+    """The backward of ``scale_grad``: ``v * w`` in ``promote_types(v.dtype, float32)``, cast."""
     v = np.asarray(cotangent)
     dtype = ops.compute_dtype(v)
     return (v.astype(dtype) * np.asarray(weight, dtype=dtype)).astype(v.dtype)

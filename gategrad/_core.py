@@ -154,8 +154,7 @@ def gate_weights(
     elif x.ndim == 1:
         if mask is not None:
             raise ValueError(
-                "mask= is for per-token (B, T) log-probs; per-sequence (B,) log-probs take "
-                "lengths="
+                "mask= is for per-token (B, T) log-probs; per-sequence (B,) log-probs take lengths="
             )
         if gate.granularity == "token":
             raise ValueError(
@@ -232,6 +231,6 @@ def scale_grad(x: Array, weight: Array | float) -> Array:
 def _broadcast_shape(w: tuple[int, ...], x: tuple[int, ...]) -> None:
     if len(w) > len(x):
         raise ValueError(f"of shape {w} has more dimensions than x {x}")
-    for a, b in zip(reversed(w), reversed(x)):
+    for a, b in zip(reversed(w), reversed(x), strict=False):  # w may be shorter than x
         if a not in (1, b):
             raise ValueError(f"of shape {w} does not broadcast against x of shape {x}")

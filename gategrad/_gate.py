@@ -10,10 +10,10 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 ShapeName = Literal["sigmoid", "log_sigmoid", "hard", "power"]
-Shape = Union[ShapeName, Callable[[Any], Any]]
+Shape = ShapeName | Callable[[Any], Any]
 
 SHAPES: tuple[str, ...] = ("sigmoid", "log_sigmoid", "hard", "power")
 GRANULARITIES: tuple[str, ...] = ("example", "token")
