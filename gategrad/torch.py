@@ -121,9 +121,9 @@ class GateHook:
     """A registered gate hook. ``remove()`` (or leaving the ``with`` block) unregisters it.
 
     Attributes:
-        last_stats: the :class:`~gategrad.GateStats` of the latest gated forward (rows with at
-            least one response token), or ``None``.
-        calls: how many forward passes were gated.
+        last_stats: the :class:`~gategrad.GateStats` of the latest gated forward (its rejected
+            rows with at least one response token), or ``None`` (no such row, or no pass yet).
+        calls: how many gradient-enabled forward passes the hook gated.
     """
 
     def __init__(
@@ -182,6 +182,8 @@ class GateHook:
         if not x.requires_grad:
             return None
         rows = _resolve_rows(self.rejected_rows, x.shape[0], x.device)
+        self.calls += 1
+        self.last_stats = None
         if key == "log_probs":
             gated = self._gate_log_probs(x, rows, args, kwargs, output)
         else:
@@ -349,7 +351,6 @@ class GateHook:
         width = rej_weight.shape[1]
         weight = torch.ones(lp.shape[0], width, dtype=wdtype, device=lp.device)
         weight[rows] = rej_weight
-        self.calls += 1
         self.last_stats = stats
         if self.on_stats is not None:
             self.on_stats(stats)

@@ -239,6 +239,12 @@ def test_empty_rejected_row_keeps_weight_one():
         lp.sum().backward()
     assert h.last_stats.weight.shape == (B - 1,)
 
+    labels[B:] = -100  # no rejected response has a token left: nothing to gate, no error
+    with gtorch.hook(model, GATE_ZERO, rejected_rows="second_half") as h:
+        lp, mask = run(model, ids, labels)
+        lp.sum().backward()
+    assert h.calls == 1 and h.last_stats is None
+
 
 def test_errors_are_clear():
     model = TinyLM(fused=True)

@@ -326,3 +326,43 @@ def test_runtime_guard_when_the_forward_is_bypassed(base, tmp_path):
     trainer.compute_loss = attachment._wrap_compute_loss(bypass)
     with pytest.raises(RuntimeError, match="never ran"):
         train(trainer)
+
+
+def test_metrics_are_reduced_over_processes():
+    """Two processes: sums and counts are gathered; a process without tokens still joins."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from gategrad import GateStats
+    from gategrad.integrations.trl import GateAttachment
+
+    gathered = []
+
+    class FakeAccelerator:
+        num_processes = 2
+        device = torch.device("cpu")
+
+        def gather(self, t):
+            gathered.append(t)
+            other = torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf]], dtype=t.dtype)  # no tokens
+            if len(gathered) == 2:  # second step: the other rank has weights 0.2 and 0.4
+                other = torch.tensor([[0.6, 2.0, 0.3, 2.0, -0.2]], dtype=t.dtype)
+            return torch.cat([t, other])
+
+    att = GateAttachment.__new__(GateAttachment)
+    att.trainer = SimpleNamespace(
+        accelerator=FakeAccelerator(), model=SimpleNamespace(training=True)
+    )
+    att.metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    w = torch.tensor([0.9, 0.7])
+    for _ in range(2):
+        att._step_stats = [GateStats(weight=w, p=torch.tensor([0.1, 0.05]), mask=None)]
+        att._record()
+    m = att.metrics["train"]
+    assert m["gate/mean"] == pytest.approx([0.8, (1.6 + 0.6) / 4])
+    assert m["gate/min"] == pytest.approx([0.7, 0.2])
+    assert m["gate/p_mean"] == pytest.approx([0.075, (0.15 + 0.3) / 4])
+    assert m["gate/frac_below_half"] == pytest.approx([0.0, 0.5])
+    att._step_stats = []  # this rank has no rejected token: it still joins the gather
+    att._record()
+    assert len(gathered) == 3 and len(m["gate/mean"]) == 2  # no process had a token

@@ -38,6 +38,7 @@ Tested with TRL 1.14 (logits) and 1.16 (fused ``log_probs``); see ``TESTED_TRL``
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -143,43 +144,45 @@ class GateAttachment:
         return wrapped
 
     def _record(self) -> None:
+        """Reduce this step's gate statistics (summed over processes) into the metric lists.
+
+        Every process takes part in the gather, also one whose rejected rows had no tokens.
+        """
         import torch
 
-        if not self._step_stats:
-            return
-        w_sum = w_n = p_sum = closed = 0.0
-        w_min = float("inf")
-        parts = []
+        ws, ps = [], []
         for st in self._step_stats:
             w, p = st.weight, st.p
             if st.mask is not None:
                 w, p = w[st.mask], p[st.mask]
-            parts.append((w.double(), p.double()))
-        w = torch.cat([a for a, _ in parts])
-        p = torch.cat([b for _, b in parts])
+            ws.append(w.detach().double().reshape(-1))
+            ps.append(p.detach().double().reshape(-1))
+        self._step_stats.clear()
+        device = ws[0].device if ws else torch.device("cpu")
+        w = torch.cat(ws) if ws else torch.zeros(0, dtype=torch.float64, device=device)
+        p = torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64, device=device)
+        neg_min = -w.min() if w.numel() else torch.tensor(-math.inf, dtype=torch.float64)
         local = torch.stack(
             [
                 w.sum(),
-                torch.tensor(float(w.numel()), dtype=torch.float64, device=w.device),
+                torch.tensor(float(w.numel()), dtype=torch.float64, device=device),
                 p.sum(),
                 (w < 0.5).double().sum(),
-                -w.min(),
+                neg_min.to(device),
             ]
         )
         accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-            local = local.to(accelerator.device)
-            gathered = accelerator.gather(local[None]).reshape(-1, 5)
-            totals = gathered[:, :4].sum(0)
-            w_min = float(-gathered[:, 4].max())
+            gathered = accelerator.gather(local[None].to(accelerator.device)).reshape(-1, 5)
+            totals, neg_min = gathered[:, :4].sum(0), gathered[:, 4].max()
         else:
-            totals = local[:4]
-            w_min = float(-local[4])
+            totals, neg_min = local[:4], local[4]
         w_sum, w_n, p_sum, closed = (float(t) for t in totals)
-        mode = "train" if self.trainer.model.training else "eval"
-        m = self.metrics[mode]
+        if w_n == 0:
+            return
+        m = self.metrics["train" if self.trainer.model.training else "eval"]
         m["gate/mean"].append(w_sum / w_n)
-        m["gate/min"].append(w_min)
+        m["gate/min"].append(-float(neg_min))
         m["gate/p_mean"].append(p_sum / w_n)
         m["gate/frac_below_half"].append(closed / w_n)
 
