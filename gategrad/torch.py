@@ -22,7 +22,7 @@ It is never guessed from ``log_probs != 0``: a log-prob of exactly ``0.0`` is a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -94,7 +94,7 @@ def _get(output: Any, key: str) -> Any:
 def _set(output: Any, key: str, value: torch.Tensor) -> Any:
     if isinstance(output, torch.Tensor):
         return value
-    if isinstance(output, Mapping):
+    if isinstance(output, MutableMapping):
         output[key] = value  # transformers' ModelOutput keeps the item and the attribute in sync
         if hasattr(output, key):
             object.__setattr__(output, key, value)

@@ -91,12 +91,12 @@ def make_batch(
     length = max(len(s) for s in seqs)
     if length < 2:
         raise ValueError("sequences need at least 2 tokens (a prompt token and a response)")
-    ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(seqs), length), dtype=bool)
+    ids_arr = np.full((len(seqs), length), pad_id, dtype=np.int32)
+    mask_arr = np.zeros((len(seqs), length), dtype=bool)
     for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-        ids[i, : len(s)] = s
-        mask[i, : len(m)] = m
-    return {"input_ids": mx.array(ids), "response_mask": mx.array(mask)}
+        ids_arr[i, : len(s)] = s
+        mask_arr[i, : len(m)] = m
+    return {"input_ids": mx.array(ids_arr), "response_mask": mx.array(mask_arr)}
 
 
 def sequence_token_logps(model: Callable[[Any], Any], batch: dict[str, Any]) -> tuple[Any, Any]:
