@@ -67,8 +67,7 @@ def sequence_metrics(
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(
-            f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got "
-            f"{tuple(labels.shape)}"
+            f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
         )
     if mask is not None and tuple(mask.shape) != tuple(labels.shape):
         raise ValueError(

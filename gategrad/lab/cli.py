@@ -92,10 +92,18 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SFT warm-up steps (toy: teacher distillation, 300; transformer: 200)",
     )
-    g.add_argument("--out", default=None, metavar="DIR", help="output directory "
-                   "(default gategrad-lab/<model>-<backend>)")
-    g.add_argument("--config", default=None, metavar="FILE",
-                   help="start from a saved config.json (flags given here override it)")
+    g.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory (default gategrad-lab/<model>-<backend>)",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="start from a saved config.json (flags given here override it)",
+    )
     g.add_argument("--no-plots", action="store_true", help="do not write PNG figures")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quiet", action="store_true", help="do not print the table")
@@ -105,10 +113,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 32)")
     t.add_argument("--d-model", type=int, default=None, help="model width (default 32)")
     t.add_argument("--layers", type=int, default=None, help="transformer blocks (default 2)")
-    t.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="parameter dtype (default float32)")
-    t.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1; tiny models run fastest on one)")
+    t.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="parameter dtype (default float32)",
+    )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1; tiny models run fastest on one)",
+    )
 
 
 def _methods_args(p: argparse.ArgumentParser) -> None:
@@ -131,16 +147,36 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
         "token probability of the rejected response; token: our per-token log-space gate "
         "sigmoid((log p - log tau)/T); zero: drop the rejected gradient (baseline)",
     )
-    g.add_argument("--alpha", type=float, default=None,
-                   help="alpha of the seq/q10 gate (default: gategrad.SHAPE_DEFAULTS)")
-    g.add_argument("--tau", type=float, default=None,
-                   help="tau of the seq/q10 gate, a probability (default: SHAPE_DEFAULTS)")
-    g.add_argument("--log-tau", type=float, default=None,
-                   help="tau of the per-token log-space gate (default: SHAPE_DEFAULTS)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="temperature T of the per-token log-space gate (default 1)")
-    g.add_argument("--dpo-shift-lam", type=float, default=None,
-                   help="DPO-Shift's fixed lambda in (0, 1] (default 0.95)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="alpha of the seq/q10 gate (default: gategrad.SHAPE_DEFAULTS)",
+    )
+    g.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="tau of the seq/q10 gate, a probability (default: SHAPE_DEFAULTS)",
+    )
+    g.add_argument(
+        "--log-tau",
+        type=float,
+        default=None,
+        help="tau of the per-token log-space gate (default: SHAPE_DEFAULTS)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="temperature T of the per-token log-space gate (default 1)",
+    )
+    g.add_argument(
+        "--dpo-shift-lam",
+        type=float,
+        default=None,
+        help="DPO-Shift's fixed lambda in (0, 1] (default 0.95)",
+    )
 
 
 def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -175,18 +211,47 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(sweep)
     g = sweep.add_argument_group("grid")
     g.add_argument("--loss", default="dpo", help="the base loss to sweep (default dpo)")
-    g.add_argument("--kinds", nargs="+", default=None, choices=("seq", "q10", "token"),
-                   help="gate kinds to sweep (default: seq token)")
-    g.add_argument("--alphas", type=float, nargs="+", default=None,
-                   help="alphas of the seq/q10 grid (default 50 200 1000 5000)")
-    g.add_argument("--taus", type=float, nargs="+", default=None,
-                   help="taus of the seq/q10 grid (default 1e-3 3e-3 1e-2 2e-2 5e-2)")
-    g.add_argument("--log-taus", type=float, nargs="+", default=None,
-                   help="taus of the token grid (default 1e-8 1e-6 1e-4 1e-3 1e-2 1e-1)")
-    g.add_argument("--temperatures", type=float, nargs="+", default=None,
-                   help="temperatures of the token grid (default 1)")
-    g.add_argument("--recover", type=float, default=0.9,
-                   help="share of the squeezing loss a setting must recover (default 0.9)")
+    g.add_argument(
+        "--kinds",
+        nargs="+",
+        default=None,
+        choices=("seq", "q10", "token"),
+        help="gate kinds to sweep (default: seq token)",
+    )
+    g.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="alphas of the seq/q10 grid (default 50 200 1000 5000)",
+    )
+    g.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=None,
+        help="taus of the seq/q10 grid (default 1e-3 3e-3 1e-2 2e-2 5e-2)",
+    )
+    g.add_argument(
+        "--log-taus",
+        type=float,
+        nargs="+",
+        default=None,
+        help="taus of the token grid (default 1e-8 1e-6 1e-4 1e-3 1e-2 1e-1)",
+    )
+    g.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=None,
+        help="temperatures of the token grid (default 1)",
+    )
+    g.add_argument(
+        "--recover",
+        type=float,
+        default=0.9,
+        help="share of the squeezing loss a setting must recover (default 0.9)",
+    )
     lab.set_defaults(_handler=main_lab)
     return lab
 
@@ -265,9 +330,7 @@ def main_lab(args: argparse.Namespace) -> int:
                 value = getattr(args, name)
                 if value is not None:
                     setattr(spec, name, value)
-            run_sweep(
-                cfg, spec, plots=not args.no_plots, progress=not args.no_progress, echo=echo
-            )
+            run_sweep(cfg, spec, plots=not args.no_plots, progress=not args.no_progress, echo=echo)
         else:
             from .runner import run_lab
 

@@ -162,15 +162,25 @@ class _TorchTrainer:
         return float(loss.detach())
 
     def pref_step(
-        self, method: Any, chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray,
-        ref_c: np.ndarray, ref_r: np.ndarray, beta: float,
+        self,
+        method: Any,
+        chosen: np.ndarray,
+        rejected: np.ndarray,
+        mask: np.ndarray,
+        ref_c: np.ndarray,
+        ref_r: np.ndarray,
+        beta: float,
     ) -> dict[str, float]:
         torch = self.e.torch
         toks = np.concatenate([chosen, rejected])
         _, _, (lp, valid) = self.e._lp(self.params, toks, _full(mask, len(toks)))
         dt = lp.dtype
         loss, gate = _pref_loss(
-            method, lp, valid, torch.as_tensor(ref_c, dtype=dt), torch.as_tensor(ref_r, dtype=dt),
+            method,
+            lp,
+            valid,
+            torch.as_tensor(ref_c, dtype=dt),
+            torch.as_tensor(ref_r, dtype=dt),
             beta,
         )
         self._apply(loss)
@@ -287,8 +297,14 @@ class _JaxTrainer:
         return loss
 
     def pref_step(
-        self, method: Any, chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray,
-        ref_c: np.ndarray, ref_r: np.ndarray, beta: float,
+        self,
+        method: Any,
+        chosen: np.ndarray,
+        rejected: np.ndarray,
+        mask: np.ndarray,
+        ref_c: np.ndarray,
+        ref_r: np.ndarray,
+        beta: float,
     ) -> dict[str, float]:
         fn = self.e.loss_fn(method, beta)
         toks = np.concatenate([chosen, rejected])
@@ -398,8 +414,14 @@ class _MlxTrainer:
         return float(loss.item())
 
     def pref_step(
-        self, method: Any, chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray,
-        ref_c: np.ndarray, ref_r: np.ndarray, beta: float,
+        self,
+        method: Any,
+        chosen: np.ndarray,
+        rejected: np.ndarray,
+        mask: np.ndarray,
+        ref_c: np.ndarray,
+        ref_r: np.ndarray,
+        beta: float,
     ) -> dict[str, float]:
         mx, e = self.e.mx, self.e
         key = (method.key, method.gate, tuple(sorted(method.loss_params.items())), float(beta))

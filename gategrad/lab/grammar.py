@@ -180,9 +180,7 @@ def _rejected(lang: Language, rng: np.random.Generator, chosen: np.ndarray) -> n
     return out
 
 
-def make_lab_data(
-    lang: Language, seed: int, n_pairs: int, n_heldout: int, n_probe: int
-) -> LabData:
+def make_lab_data(lang: Language, seed: int, n_pairs: int, n_heldout: int, n_probe: int) -> LabData:
     """Preference pairs, held-out pairs and the five probe sets for ``seed``."""
     rng = np.random.default_rng([seed, 0xDA7A])
     train_chosen, _ = lang.sample(rng, n_pairs)
@@ -206,9 +204,7 @@ def make_lab_data(
     base, topics = lang.sample(rng, n_probe)
     _, prompt, _ = lang.split(base)
     token = rng.integers(0, lang.n_content, size=(n_probe, 1))
-    probes["repeat"] = lang.assemble(
-        topics, prompt, np.repeat(token, lang.response_len, axis=1)
-    )
+    probes["repeat"] = lang.assemble(topics, prompt, np.repeat(token, lang.response_len, axis=1))
     return LabData(
         lang,
         train_chosen,

@@ -106,9 +106,7 @@ def format_sweep(rows: list[dict[str, Any]], selection: dict[str, Any]) -> str:
         "| Setting | Δ Chosen | Δ Rejected | Margin | Δ Others | Entropy | recovered | "
         "mean gate |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )
-    chosen = {
-        v["choice"]["key"] for v in selection["kinds"].values() if v["choice"] is not None
-    }
+    chosen = {v["choice"]["key"] for v in selection["kinds"].values() if v["choice"] is not None}
     lines = [head]
     for r in rows:
         m, s = r["mean"], r["std"]
@@ -165,8 +163,7 @@ def run_sweep(
     cfg = cfg.resolved()
     methods = sweep_methods(spec)
     total = len(cfg.seeds) * (
-        len(methods) * cfg.steps
-        + (cfg.transformer.sft_steps if cfg.model == "transformer" else 0)
+        len(methods) * cfg.steps + (cfg.transformer.sft_steps if cfg.model == "transformer" else 0)
     )
     bar = Progress(total, enabled=progress, desc=f"sweep {cfg.model}/{cfg.backend}")
     t0 = time.perf_counter()
@@ -212,4 +209,3 @@ def run_sweep(
         echo(text)
     result["text"] = text
     return result
-
