@@ -8,11 +8,15 @@ Rules for a fenced block (checked below):
   lacks ``backends/``);
 - a block preceded by ``<!-- not-run: REASON -->`` is not run; the reason is required;
 - in ``docs/``, a block in any other language (bash, toml, yaml, ...) must carry that marker;
-  ``text``, ``txt``, ``output`` and blocks without a language are output, not code.
+  ``text``, ``txt``, ``output`` and blocks without a language are output, not code;
+- a ``text`` block titled ``Output`` (```` ```text title="Output" ````) right after a python
+  block is that block's expected output: what the block prints must equal it (trailing spaces
+  ignored), so printed numbers in the docs cannot drift from what the code gives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -32,6 +36,7 @@ RUN_LANGS = {"python", "py", "python3"}
 OUTPUT_LANGS = {"", "text", "txt", "output", "plain"}
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+_OUTPUT_TITLE = re.compile(r"""title=["']Output["']""")
 _NOT_RUN = re.compile(r"<!--\s*not-run\b\s*:?(?P<reason>.*?)-->", re.S)
 
 
@@ -42,6 +47,9 @@ class Block:
     lang: str
     code: str
     not_run: str | None  # the reason after ``not-run:``; "" when the marker has none
+    info: str = ""  # the fence's info string after the language (e.g. title="Output")
+    end: int = 0  # 1-based line of the closing fence
+    expected: str | None = None  # the expected output, for a python block
 
 
 def _lang(info: str) -> str:
@@ -84,7 +92,18 @@ def parse_blocks(text: str, page: str) -> list[Block]:
         comment = _comment_before(lines, i)
         marker = _NOT_RUN.search(comment) if comment else None
         reason = marker["reason"].strip() if marker else None
-        blocks.append(Block(page, i + 1, _lang(m["info"]), "\n".join(body) + "\n", reason))
+        info = m["info"].strip()
+        block = Block(page, i + 1, _lang(info), "\n".join(body) + "\n", reason, info, j + 1)
+        prev = blocks[-1] if blocks else None
+        if (
+            block.lang == "text"
+            and _OUTPUT_TITLE.search(info)
+            and prev is not None
+            and prev.lang in RUN_LANGS
+            and all(not line.strip() for line in lines[prev.end : i])
+        ):
+            blocks[-1] = dataclasses.replace(prev, expected=block.code)
+        blocks.append(block)
         i = j + 1
     return blocks
 
@@ -128,6 +147,12 @@ def test_parser_reads_markers_languages_and_indented_fences() -> None:
     ]
     assert blocks[2].code == "print('````')\n```\nstill inside\n"
     assert blocks[3].code == "x = 1\n"
+    out = parse_blocks('```python\nprint(1)\n```\n\n```text title="Output"\n1\n```\n', "o.md")
+    assert out[0].expected == "1\n" and out[1].lang == "text"
+    apart = parse_blocks(
+        '```python\nprint(1)\n```\nSome prose.\n```text title="Output"\n1\n```\n', "o.md"
+    )
+    assert apart[0].expected is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,21 +212,33 @@ def test_code_that_does_not_run_is_marked_with_a_reason() -> None:
 # running the python blocks
 
 _DRIVER = r"""
-import json, sys, traceback
+import contextlib, io, json, sys, traceback
 blocks = json.load(open(sys.argv[1], encoding="utf-8"))
+
+def norm(text):
+    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+
 failed = 0
 for b in blocks:
     where = f"{b['page']}:{b['line']}"
     # pad so that tracebacks show the line numbers of the Markdown page
     source = "\n" * b["line"] + b["code"]
+    printed = io.StringIO()
     try:
-        exec(compile(source, b["page"], "exec"), {"__name__": "__main__"})
+        with contextlib.redirect_stdout(printed):
+            exec(compile(source, b["page"], "exec"), {"__name__": "__main__"})
     except BaseException:
         failed += 1
+        print(printed.getvalue())
         print(f"FAILED: the python block at {where}", file=sys.stderr)
         traceback.print_exc()
-    else:
-        print(f"ok: {where}")
+        continue
+    if b["expected"] is not None and norm(printed.getvalue()) != norm(b["expected"]):
+        failed += 1
+        print(f"FAILED: the python block at {where} printed\n{printed.getvalue()}\n"
+              f"but the page shows (Output)\n{b['expected']}", file=sys.stderr)
+        continue
+    print(f"ok: {where}")
     sys.stdout.flush()
 sys.exit(1 if failed else 0)
 """
