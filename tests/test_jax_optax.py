@@ -1,7 +1,9 @@
 """The JAX + optax example: two jitted gated-DPO steps agree with the torch backend.
 
 Both frameworks run the conformance kit's tiny transformer on the same float64 weights; at each
-step the JAX weights are copied to torch, which recomputes the loss and the gradients.
+step the JAX weights go to the kit's ``run_backend('torch', ...)``, which recomputes the loss and
+the gradients, and the kit's ``compare_results`` compares them tensor by tensor (float64:
+1e-12, scale-relative).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ torch = pytest.importorskip("torch", reason="the torch side of the comparison ne
 
 import gategrad  # noqa: E402
 from gategrad import Gate  # noqa: E402
+from gategrad.testing import compare_results, run_backend  # noqa: E402
 from gategrad.testing.models import init_transformer_params  # noqa: E402
 from gategrad.testing.models import jax_models as jm  # noqa: E402
 from gategrad.testing.models import torch_models as tm  # noqa: E402
@@ -28,7 +31,6 @@ jax.config.update("jax_enable_x64", True)
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "jax_optax_dpo.py"
 # engages on this model (p is about 0.05 to 0.2): weights strictly between 0 and 1, per row
 GATE = Gate(shape="sigmoid", alpha=50.0, tau=0.15)
-TOL64 = 1e-12  # scale-relative, float64 torch vs jax (docs: measured 3.3e-15)
 
 
 @pytest.fixture(scope="module")
@@ -39,48 +41,51 @@ def example():
     return module
 
 
-def torch_loss_and_grads(example, np_params, np_ref, batch, gate):
+def torch_loss_fn(example, gate, metrics_out: dict):
+    """The example's loss with the kit's torch transformer, for ``run_backend``."""
     cfg = example.CFG
-    params = {k: v.requires_grad_() for k, v in tm.params_from_numpy(np_params, "float64").items()}
-    ref = tm.params_from_numpy(np_ref, "float64")
-    ids = torch.from_numpy(batch["input_ids"]).long()
-    attn = torch.from_numpy(batch["attention_mask"])
-    resp = torch.from_numpy(batch["response_mask"])
 
-    def logps(p):
-        return gategrad.token_logps(tm.transformer_logits(p, ids, cfg, attn), ids, resp)
+    def fn(params, ref, input_ids, attention_mask, response_mask):
+        ids = input_ids.long()
 
-    lp, mask = logps(params)
-    with torch.no_grad():
-        ref_lp, _ = logps(ref)
-    n = lp.shape[0] // 2
-    loss, metrics = gategrad.preference_loss(
-        "sigmoid",
-        lp[:n],
-        lp[n:],
-        ref_lp[:n],
-        ref_lp[n:],
-        beta=0.1,
-        gate=gate,
-        chosen_mask=mask[:n],
-        rejected_mask=mask[n:],
+        def logps(p):
+            logits = tm.transformer_logits(p, ids, cfg, attention_mask)
+            return gategrad.token_logps(logits, ids, response_mask)
+
+        lp, mask = logps(params)
+        with torch.no_grad():
+            ref_lp, _ = logps(ref)
+        n = lp.shape[0] // 2
+        loss, metrics = gategrad.preference_loss(
+            "sigmoid",
+            lp[:n],
+            lp[n:],
+            ref_lp[:n],
+            ref_lp[n:],
+            beta=0.1,
+            gate=gate,
+            chosen_mask=mask[:n],
+            rejected_mask=mask[n:],
+        )
+        metrics_out.update({k: float(v) for k, v in metrics.items()})
+        return loss
+
+    return fn
+
+
+def torch_side(example, np_params, np_ref, batch, gate):
+    """``(loss, {'params/<name>': grad}, metrics)`` from the kit's ``run_backend('torch', ...)``."""
+    metrics: dict = {}
+    inputs = {"params": np_params, "ref": np_ref, **batch}
+    loss, grads = run_backend(
+        "torch", torch_loss_fn(example, gate, metrics), inputs, wrt=["params"], dtype="float64"
     )
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[k] for k in names])
-    return float(loss.detach()), {k: g.numpy() for k, g in zip(names, grads, strict=True)}, metrics
-
-
-def assert_close(a: dict, b: dict, tol: float):
-    assert a.keys() == b.keys()
-    for k in a:
-        scale = float(np.max(np.abs(b[k]))) or 1.0
-        err = float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k]))))
-        assert err <= tol * scale, f"{k}: max|jax - torch| = {err:.3g}, scale {scale:.3g}"
+    return loss, grads, metrics
 
 
 @pytest.fixture(scope="module")
 def gated_run(example):
-    """Two jitted, gated optax steps; torch recomputes each step on the JAX weights."""
+    """Two jitted, gated optax steps; at each, torch recomputes loss and grads."""
     cfg = example.CFG
     batch = example.make_batch(np.random.default_rng(0), 3)
     np_ref = init_transformer_params(cfg, seed=1)
@@ -91,12 +96,16 @@ def gated_run(example):
     step = example.make_train_step(optimizer, gate=GATE)
     steps = []
     for _ in range(2):
-        np_params = jm.to_numpy(params)
+        np_params = {k: np.array(v) for k, v in jm.to_numpy(params).items()}  # writable
         params, opt_state, loss, metrics, grads = step(params, opt_state, ref, batch)
-        jax_side = (float(loss), jm.to_numpy(grads), {k: float(v) for k, v in metrics.items()})
-        gated = torch_loss_and_grads(example, np_params, np_ref, batch, GATE)
-        plain = torch_loss_and_grads(example, np_params, np_ref, batch, None)
-        steps.append({"jax": jax_side, "torch": gated, "torch_plain": plain})
+        jax_grads = {f"params/{k}": np.asarray(v) for k, v in jm.to_numpy(grads).items()}
+        steps.append(
+            {
+                "jax": (float(loss), jax_grads, {k: float(v) for k, v in metrics.items()}),
+                "torch": torch_side(example, np_params, np_ref, batch, GATE),
+                "torch_plain": torch_side(example, np_params, np_ref, batch, None),
+            }
+        )
     return steps, step._cache_size()
 
 
@@ -106,10 +115,15 @@ def test_two_jitted_steps_match_torch(gated_run):
     assert compilations == 1  # one jit compilation serves both steps
     for s in steps:
         (loss, grads, metrics), (t_loss, t_grads, t_metrics) = s["jax"], s["torch"]
-        assert math.isclose(loss, t_loss, rel_tol=TOL64)
-        assert_close(grads, t_grads, TOL64)
+        report = compare_results(
+            {"jax[optax step]": (loss, grads), "torch": (t_loss, t_grads)},
+            dtype="float64",
+            reference="torch",
+        )
+        assert report.ok, "\n".join(d.describe() for d in report.failures[:5])
+        assert len(report.diffs) == 1 + len(grads)  # the value and every parameter
         for key in ("rewards/margins", "logps/rejected", "gate/mean", "gate/p_mean"):
-            assert math.isclose(metrics[key], float(t_metrics[key]), rel_tol=1e-10), key
+            assert math.isclose(metrics[key], t_metrics[key], rel_tol=1e-10), key
         assert 0.05 < metrics["gate/mean"] < 0.95  # the gate is engaged at both steps
 
 
@@ -117,7 +131,7 @@ def test_gate_changes_only_the_gradient(gated_run):
     steps, _ = gated_run
     for s in steps:
         (loss, grads, _), (p_loss, p_grads, _) = s["jax"], s["torch_plain"]
-        assert math.isclose(loss, p_loss, rel_tol=TOL64)  # the loss value is untouched
+        assert math.isclose(loss, p_loss, rel_tol=1e-12)  # the loss value is untouched
         assert any(not np.allclose(grads[k], p_grads[k], rtol=1e-6) for k in grads)
 
 
