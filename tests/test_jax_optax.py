@@ -135,11 +135,4 @@ def test_gate_changes_only_the_gradient(gated_run):
         assert any(not np.allclose(grads[k], p_grads[k], rtol=1e-6) for k in grads)
 
 
-@pytest.mark.slow
-def test_example_quick(example, capsys):
-    history = example.main(["--quick"])
-    assert len(history) == 3
-    assert history[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
-    assert history[-1]["loss"] < history[0]["loss"]
-    assert all(0.0 <= h["gate/mean"] <= 1.0 for h in history)
-    assert "step   3" in capsys.readouterr().out
+# The script itself (`python examples/jax_optax_dpo.py --quick`) runs in tests/test_examples.py.
