@@ -124,5 +124,23 @@ class MlxOps:
     def logsumexp(self, x: mx.array, axis: int = -1) -> mx.array:
         return mx.logsumexp(x, axis=axis)
 
+    def log_sigmoid(self, x: mx.array) -> mx.array:
+        return -mx.logaddexp(mx.zeros_like(x), -x)
+
+    def maximum(self, a: mx.array, b: mx.array) -> mx.array:
+        return mx.maximum(a, b)
+
+    def mean(self, x: mx.array, axis: int | None = None) -> mx.array:
+        return mx.mean(x) if axis is None else mx.mean(x, axis=axis)
+
+    def concatenate(self, xs: list[mx.array], axis: int = 0) -> mx.array:
+        return mx.concatenate(list(xs), axis=axis)
+
+    def as_index(self, x: mx.array) -> mx.array:
+        return x
+
+    def checkpoint(self, fn: Any, *args: mx.array) -> mx.array:
+        return mx.checkpoint(fn)(*args)
+
 
 ops = MlxOps()

@@ -123,5 +123,27 @@ class TorchOps:
     def logsumexp(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
         return torch.logsumexp(x, dim=axis)
 
+    def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.logsigmoid(x)
+
+    def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b)
+
+    def mean(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        return torch.mean(x) if axis is None else torch.mean(x, dim=axis)
+
+    def concatenate(self, xs: list[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(xs), dim=axis)
+
+    def as_index(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == torch.int64 else x.to(torch.int64)
+
+    def checkpoint(self, fn: Any, *args: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
 
 ops = TorchOps()
