@@ -7,25 +7,53 @@ improbable. Frameworks (torch, jax, mlx) are imported lazily, on first use.
 
 from __future__ import annotations
 
+from ._attach import attach
 from ._core import GateStats, gate_rejected, gate_weights, scale_grad, value_checks
 from ._dispatch import BACKENDS, framework_of, get_ops, is_available
 from ._gate import SHAPE_DEFAULTS, Gate
+from ._logps import token_logps
 from ._version import __version__
+from .losses import (
+    LOSS_TYPES,
+    cal_dpo_loss,
+    dpo_loss,
+    dpo_shift_lambda,
+    dpo_shift_loss,
+    dpop_loss,
+    hinge_loss,
+    ipo_loss,
+    preference_loss,
+    robust_dpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
     "BACKENDS",
+    "LOSS_TYPES",
     "SHAPE_DEFAULTS",
     "Gate",
     "GateStats",
     "__version__",
+    "attach",
+    "cal_dpo_loss",
+    "dpo_loss",
+    "dpo_shift_lambda",
+    "dpo_shift_loss",
+    "dpop_loss",
     "framework_of",
     "gate_rejected",
     "gate_value",
     "gate_weights",
     "get_backend",
+    "hinge_loss",
+    "ipo_loss",
     "is_available",
     "masked_quantile",
+    "preference_loss",
+    "robust_dpo_loss",
     "scale_grad",
+    "simpo_loss",
+    "token_logps",
     "value_checks",
 ]
 

@@ -1,0 +1,155 @@
+"""Per-token log-probs from logits, written once against :class:`gategrad._xp.ArrayOps`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._core import _require_gate, gate_rejected
+from ._dispatch import common_framework, get_ops
+from ._gate import Gate
+from ._xp import Array, ArrayOps
+
+__all__ = ["token_logps"]
+
+#: Auto-chunking budget: the most logits elements one ``logsumexp`` sees at once (16 MiB of
+#: float32). Each chunk's float32 temporaries are bounded by it, not by ``B * T * V``.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _plan(batch: int, length: int, vocab: int, chunk_size: int | None) -> tuple[int, int]:
+    """``(rows, cols)`` of one chunk over the ``(B, T)`` positions."""
+    if chunk_size is not None:
+        return chunk_size, length
+    if batch * length * vocab <= CHUNK_ELEMENTS:
+        return batch, length
+    per_row = length * vocab
+    if per_row <= CHUNK_ELEMENTS:
+        return max(1, CHUNK_ELEMENTS // per_row), length
+    return 1, max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _lse_in(ops: ArrayOps, dtype: Any) -> Any:
+    def lse(block: Array) -> Array:
+        return ops.logsumexp(ops.astype(block, dtype), axis=-1)
+
+    return lse
+
+
+def _chunk_logps(
+    ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
+) -> Array:
+    """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``."""
+    batch, length = int(labels.shape[0]), int(labels.shape[1])
+    out_rows = []
+    for b0 in range(0, batch, rows):
+        b1 = min(b0 + rows, batch)
+        pieces = []
+        for t0 in range(0, length, cols):
+            t1 = min(t0 + cols, length)
+            block = logits[b0:b1, t0:t1]
+            if block.dtype == cdtype:  # autograd keeps a view of the logits, no copy
+                lse = ops.logsumexp(block, axis=-1)
+            else:  # low precision: logsumexp in float32 of a cast chunk, recomputed in the
+                # backward rather than kept (else every chunk's float32 copy would be saved)
+                lse = ops.checkpoint(_lse_in(ops, cdtype), block)
+            idx = labels[b0:b1, t0:t1][..., None]
+            picked = ops.take_along_axis(block, idx, axis=-1)[..., 0]
+            pieces.append(ops.astype(picked, cdtype) - lse)
+        out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
+    return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
+
+
+def token_logps(
+    logits: Array,
+    labels: Array,
+    mask: Array | None = None,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    gate: Gate | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """Per-token log-probs ``log softmax(logits)[label]`` of a causal LM, in any framework.
+
+    Args:
+        logits: ``(B, T, V)``, any float dtype (bf16/fp16 are accumulated in float32).
+        labels: ``(B, T)`` integer token ids; positions equal to ``ignore_index`` do not count.
+        mask: optional ``(B, T)`` mask aligned with ``labels`` (nonzero = counts), e.g. the
+            completion mask; combined with ``labels != ignore_index``.
+        shift: ``True`` (causal LM, as ``input_ids`` and model logits come): ``logits[:, :-1]``
+            predict ``labels[:, 1:]`` (and ``mask[:, 1:]``); the outputs have shape
+            ``(B, T - 1)``. ``False``: the inputs are already aligned, ``logits[:, t]`` predicts
+            ``labels[:, t]``, and the outputs have shape ``(B, T)``.
+        ignore_index: the label value that marks positions to ignore (TRL/HF use -100).
+        gate: optional :class:`gategrad.Gate` with ``granularity='token'``: the result is passed
+            through :func:`gategrad.gate_rejected` with the returned mask, so each rejected
+            token's gradient is scaled by its own gate. Pass it only when ``logits``/``labels``
+            hold the *rejected* responses, and do not pass the gate to the loss as well. An
+            ``'example'``-granularity gate is the loss' job (:func:`gategrad.preference_loss`
+            or :func:`gategrad.gate_rejected` on the rejected rows): it raises ``ValueError``.
+        chunk_size: rows of the batch per chunk. ``None``: automatic, chunks of at most
+            :data:`CHUNK_ELEMENTS` logits (over rows, and over time when one row is larger).
+
+    Returns:
+        ``(logps, mask)``: the per-token log-probs in ``promote_types(logits.dtype, float32)``,
+        ``0`` at positions that do not count, and the boolean mask actually used
+        (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
+        ``shift=True``. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
+        both to :func:`gategrad.preference_loss` (``*_logps`` and ``*_mask``).
+
+    Memory: the log-softmax is never materialised. Each chunk needs ``logsumexp`` (and, for
+    bf16/fp16 logits, one float32 cast) of that chunk only, plus a gather of the label's logit;
+    so besides the logits the peak holds one chunk's temporaries, not a second ``(B, T, V)``
+    buffer. Under autograd, the framework keeps what each chunk's backward needs (for float32
+    logits a view, for bf16/fp16 logits each chunk's float32 cast).
+    """
+    ops = get_ops(common_framework(logits=logits, labels=labels, mask=mask))
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    if not ops.is_floating(logits):
+        raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
+    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match logits "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    if ops.is_floating(labels):
+        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
+            "they must match (B, T)"
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if gate is not None:
+        gate = _require_gate(gate)
+        if gate.granularity != "token":
+            raise ValueError(
+                "token_logps gates per token only (Gate(granularity='token')); an "
+                "'example'-granularity gate belongs to the loss: pass it to "
+                "gategrad.preference_loss(gate=...) or gate the rejected rows with "
+                "gategrad.gate_rejected"
+            )
+    if shift:
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"shift=True needs at least 2 positions (T >= 2), got T = {logits.shape[1]}"
+            )
+        logits = logits[:, :-1]
+        labels = labels[:, 1:]
+        mask = None if mask is None else mask[:, 1:]
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & ops.bool_mask(mask)
+    safe = ops.as_index(ops.where(valid, labels, ops.full_like(labels, 0)))
+    cdtype = ops.compute_dtype(logits)
+    batch, length, vocab = (int(n) for n in logits.shape)
+    rows, cols = _plan(batch, length, vocab, chunk_size)
+    logps = _chunk_logps(ops, logits, safe, cdtype, rows, cols)
+    logps = ops.where(valid, logps, ops.full_like(logps, 0.0))
+    if gate is not None:
+        logps = gate_rejected(logps, gate, valid)
+    return logps, valid
