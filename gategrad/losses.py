@@ -151,7 +151,7 @@ def _check_finite(ops: ArrayOps, x: Array, mask: Array | None, name: str) -> Non
     if not _eager(ops, x):
         return
     bad = ops.isnan(x) | (x == float("inf")) | (x == float("-inf"))
-    if mask is not None:
+    if mask is not None and x.ndim == 2:
         bad = bad & mask
     # ``x`` may be a concrete constant closed over by a traced function (jax.jit): then ``bad``
     # is traced, and its values cannot be inspected.

@@ -738,3 +738,25 @@ def test_public_exports():
     assert gategrad.LOSS_TYPES == (
         "sigmoid", "ipo", "cal_dpo", "dpo_shift", "simpo", "dpop", "hinge", "robust"
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_layouts(backend):
+    """Per-token policy log-probs with per-sequence reference sums (and the reverse) equal the
+    all-per-sequence loss; chosen and rejected may use different layouts."""
+    fw(backend)
+    arrays, extra, sums = make_case(8, 4, "token", "sigmoid")
+    pw, pl, rw, rl = (conv(backend, a) for a in arrays)
+    mw, ml = conv(backend, extra["chosen_mask"]), conv(backend, extra["rejected_mask"])
+    s = {k: conv(backend, v) for k, v in sums.items()}
+    want = ref_loss("sigmoid", sums, 0.2, {})
+    rtol = tol(backend)[0] * 10
+    for args, kw in (
+        ((pw, pl, s["rw"], s["rl"]), {"chosen_mask": mw, "rejected_mask": ml}),
+        ((s["pw"], s["pl"], rw, rl), {"chosen_mask": mw, "rejected_mask": ml}),
+        ((pw, s["pl"], rw, s["rl"]), {"chosen_mask": mw}),
+    ):
+        loss, _ = gategrad.dpo_loss(*args, beta=0.2, **kw)
+        assert to_np(loss) == pytest.approx(want, rel=rtol)
+    loss, _ = gategrad.simpo_loss(pw, s["pl"], chosen_mask=mw, rejected_lengths=s["nl"])
+    assert to_np(loss) == pytest.approx(ref_loss("simpo", sums, 0.1, {}), rel=rtol)
