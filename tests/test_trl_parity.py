@@ -14,12 +14,14 @@ import os
 import numpy as np
 import pytest
 
-trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl)")
+trl = pytest.importorskip("trl", reason="install the trl extra: pip install 'gategrad[trl]'")
 torch = pytest.importorskip("torch", reason="torch is not installed")
 pytest.importorskip("datasets", reason="datasets is not installed (comes with trl)")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (comes with trl)")
 
 import gategrad  # noqa: E402
+
+pytestmark = pytest.mark.slow  # builds a TRL trainer (imports transformers, datasets)
 
 # trl's loss_type -> (gategrad loss, extra parameters on both sides)
 CASES = {
