@@ -259,7 +259,7 @@ class GateHook:
                 "shift_labels=. Pass mask=lambda args, kwargs, output: <bool (N, T) tensor>"
             )
         mask = _align_right(mask.to(lp.device), lp.shape[1], False)
-        weight = self._row_weights(lp.detach(), mask, rows, lp.dtype)
+        weight = self._row_weights(lp.detach(), mask, rows)
         return lp if weight is None else scale_grad(lp, weight)
 
     def _gate_logits(
@@ -310,7 +310,7 @@ class GateHook:
         rej_logps = _token_logps_nograd(rej_logits, targets[rows])
         full = torch.ones(logits.shape[0], n_pos, dtype=rej_logps.dtype, device=logits.device)
         full[rows] = rej_logps  # only the rejected rows are read below
-        weight = self._row_weights(full, mask, rows, rej_logps.dtype)
+        weight = self._row_weights(full, mask, rows)
         if weight is None:
             return logits
         if weight.shape[1] == 1:  # per example: (N, 1) -> (N, 1, 1)
@@ -319,9 +319,7 @@ class GateHook:
             weight = torch.cat([weight, weight.new_ones(weight.shape[0], 1)], dim=1)
         return scale_grad(logits, weight[:, :, None])
 
-    def _row_weights(
-        self, lp: torch.Tensor, mask: torch.Tensor, rows: Any, dtype: torch.dtype
-    ) -> torch.Tensor | None:
+    def _row_weights(self, lp: torch.Tensor, mask: torch.Tensor, rows: Any) -> torch.Tensor | None:
         """The cotangent weight for all ``N`` rows: 1 on chosen rows, ``g`` on rejected rows.
 
         ``(N, 1)`` for example granularity, ``(N, T)`` for token granularity. Rejected rows with
