@@ -22,7 +22,9 @@ import gategrad
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_PATHS = [
-    p for p in ("gategrad", "backends", "tests", "examples", "benchmarks") if (ROOT / p).is_dir()
+    p
+    for p in ("gategrad", "backends", "tests", "examples", "benchmarks", "docs/hooks.py")
+    if (ROOT / p).exists()
 ]
 
 
