@@ -295,8 +295,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
             "-m",
             "mkdocs",
             "build",
-            "--strict",
-            "-q",
+            "--strict",  # (no -q: it would hide the warnings that --strict counts)
             "-f",
             str(ROOT / "mkdocs.yml"),
             "-d",
