@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from _backends import ALL, DTYPES, GATE_ATOL, skip_unless
+from _backends import ALL, GATE_ATOL, dtypes, skip_unless
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -112,7 +112,7 @@ def test_default_gate_tends_to_one() -> None:
 def test_gate_values_agree_across_backends(backend: str, gate: Gate) -> None:
     skip_unless(backend)
     logp = np.concatenate([[-np.inf, -1e4], np.linspace(-30.0, 0.0, 61)])
-    for dtype in DTYPES[backend]:
+    for dtype in dtypes(backend):
         x = logp.astype(np.float32 if dtype == "bfloat16" else dtype)
         got = to_numpy(gategrad.gate_value(gate, from_numpy(backend, x, dtype), log=True))
         cast = to_numpy(from_numpy(backend, x, dtype)).astype(np.float64)
