@@ -39,7 +39,7 @@ def test_run_lab_writes_everything_and_reproduces(tmp_path):
     for name in (
         "config.json",
         "results.json",
-        "table.md",
+        "table.txt",
         "delta_chosen.png",
         "mass_dynamics.png",
     ):
@@ -55,7 +55,7 @@ def test_run_lab_writes_everything_and_reproduces(tmp_path):
         "Gate-IPO (seq)",
         "Gate-IPO (tok-log)",
     ]
-    table = (out / "table.md").read_text()
+    table = (out / "table.txt").read_text()
     for header in ("Δ Chosen", "Δ Rejected", "Margin", "Δ Others", "Top-1", "Entropy"):
         assert header in table
     row = res.row("Gate-DPO (seq)")
@@ -134,7 +134,7 @@ def test_cli_config_flag_and_overrides(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(capsys):
-    assert main(["lab", "--backend", "torch", "--no-progress"]) == 2
+    assert main(["lab", "--model", "toy", "--backend", "torch", "--no-progress"]) == 2
     assert "numpy backend only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["lab", "--gates", "sometimes"])

@@ -129,7 +129,8 @@ def test_gate_grad_scales_the_rejected_derivative_only(gate):
 def test_gate_grad_per_sequence_with_lengths():
     logp = np.array([-1.0, -30.0, -200.0])
     d = np.array([0.3, 0.3, 0.3])
-    gated, g = ng.gate_grad(d, logp, Gate("log_sigmoid", tau=1e-4), lengths=np.array([1, 3, 4]))
+    gate = Gate("log_sigmoid", tau=1e-4, temperature=1.0)  # g = p / (p + tau)
+    gated, g = ng.gate_grad(d, logp, gate, lengths=np.array([1, 3, 4]))
     p = np.exp(logp / np.array([1, 3, 4]))
     np.testing.assert_allclose(g, p / (p + 1e-4), rtol=1e-12)
     np.testing.assert_allclose(gated, d * g, rtol=1e-15)

@@ -6,10 +6,14 @@ import argparse
 import sys
 from typing import Any
 
+from gategrad._gate import SHAPE_DEFAULTS
+
 from .config import MODEL_DEFAULTS, LabConfig
-from .methods import GATE_KINDS, LOSS_ALIASES
+from .methods import GATE_KINDS, LOSS_LABELS
 
 __all__ = ["add_lab_parser", "config_from_args", "main_lab"]
+
+_SIG, _LOG = SHAPE_DEFAULTS["sigmoid"], SHAPE_DEFAULTS["log_sigmoid"]
 
 LAB_DESCRIPTION = """\
 Reproduce the Gate-DPO protocol and watch squeezing happen.
@@ -23,7 +27,7 @@ decoder-only transformer: a synthetic topic-Markov language, SFT warm-up, prefer
 (chosen: on-distribution samples; rejected: off-policy uniformly random tokens), then every
 loss x gate, with checkpoints on held-out chosen/rejected and five unrelated probe sets.
 
-Outputs in --out: table.md (the paper's table: Δ Chosen, Δ Rejected, Margin, Δ Others,
+Outputs in --out: table.txt (the paper's table: Δ Chosen, Δ Rejected, Margin, Δ Others,
 final top-1 mass and entropy, mean ± std over seeds), results.json (every checkpoint),
 config.json (re-run it with --config), delta_chosen.png and mass_dynamics.png.
 """
@@ -31,11 +35,13 @@ config.json (re-run it with --config), delta_chosen.png and mass_dynamics.png.
 LAB_EPILOG = """\
 examples:
   gategrad lab                                     # toy, NumPy, seconds
-  gategrad lab --model transformer --backend torch # the paper's protocol, ~3 min on 2 cores
+  gategrad lab --model transformer --backend torch # the paper's protocol: ~2 min of CPU
+  gategrad lab --model transformer --backend mlx --seeds 0   # one seed: MLX's CPU is slower
   gategrad lab --model transformer --backend jax --losses dpo --gates none seq token zero
   gategrad lab --gates none token --log-tau 1e-3   # try another per-token gate tau
   gategrad lab --config gategrad-lab/toy-numpy/config.json   # re-run a saved config
   gategrad lab sweep --model transformer           # the sweep behind the gate defaults
+                                                   # (sweep options go after `sweep`)
 
 Reading the table: squeezing shows as Δ Chosen < 0 together with a large negative Δ Others
 and a rising top-1 mass / falling entropy; a gate that works keeps Δ Chosen near the g=0
@@ -60,7 +66,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("numpy", "torch", "jax", "mlx"),
         default=None,
-        help="numpy for the toy; torch (default), jax or mlx for the transformer",
+        help="numpy for the toy; torch (default), jax or mlx for the transformer (any of these "
+        "three alone selects --model transformer)",
     )
     g.add_argument(
         "--seeds", type=int, nargs="+", default=None, metavar="N", help="seeds (default: 0 1 2)"
@@ -134,7 +141,9 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="LOSS",
-        help=f"base losses (default: dpo ipo cal_dpo dpo_shift; any of {sorted(LOSS_ALIASES)})",
+        help="base losses (default: dpo ipo cal_dpo dpo_shift; any of dpo "
+        + " ".join(k for k in LOSS_LABELS if k != "sigmoid")
+        + ")",
     )
     g.add_argument(
         "--gates",
@@ -151,25 +160,25 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
         "--alpha",
         type=float,
         default=None,
-        help="alpha of the seq/q10 gate (default: gategrad.SHAPE_DEFAULTS)",
+        help=f"alpha of the seq/q10 gate (default {_SIG['alpha']:g})",
     )
     g.add_argument(
         "--tau",
         type=float,
         default=None,
-        help="tau of the seq/q10 gate, a probability (default: SHAPE_DEFAULTS)",
+        help=f"tau of the seq/q10 gate, a probability (default {_SIG['tau']:g})",
     )
     g.add_argument(
         "--log-tau",
         type=float,
         default=None,
-        help="tau of the per-token log-space gate (default: SHAPE_DEFAULTS)",
+        help=f"tau of the per-token log-space gate, a probability (default {_LOG['tau']:g})",
     )
     g.add_argument(
         "--temperature",
         type=float,
         default=None,
-        help="temperature T of the per-token log-space gate (default 1)",
+        help=f"temperature T of the per-token log-space gate (default {_LOG['temperature']:g})",
     )
     g.add_argument(
         "--dpo-shift-lam",
@@ -199,11 +208,11 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
             "use (default 100 101 102), next to the ungated loss and g=0. Selection rule: "
             "among settings that recover at least --recover of the chosen log-prob lost to "
             "squeezing (ΔC(g=0) - ΔC(ungated)), pick the largest mean margin. Writes "
-            "sweep.md, sweep.json and sweep.png."
+            "sweep.txt, sweep.json and sweep.png."
         ),
         epilog=(
             "examples:\n  gategrad lab sweep                      # toy\n"
-            "  gategrad lab sweep --model transformer  # torch, ~5 min on 2 cores\n"
+            "  gategrad lab sweep --model transformer  # torch, several minutes\n"
             "  gategrad lab sweep --kinds token --log-taus 1e-6 1e-4 1e-2"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -267,6 +276,8 @@ def config_from_args(args: argparse.Namespace, *, sweep: bool = False) -> LabCon
         cfg.model = args.model
         if args.config:  # a model switch invalidates the saved model-specific defaults
             cfg.backend = cfg.steps = cfg.lr = cfg.eval_every = cfg.out_dir = None
+    if args.model is None and args.config is None and args.backend in ("torch", "jax", "mlx"):
+        cfg.model = "transformer"  # a deep-learning backend implies the transformer
     if args.model == "transformer" and args.backend is None and cfg.backend == "numpy":
         cfg.backend = None
     simple = {

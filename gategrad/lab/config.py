@@ -28,9 +28,11 @@ class ToyOptions:
     dimensions sharing one common direction with weight ``shared`` (``c_i . c_j ~ shared^2``); a
     random teacher softmax (logit scale ``teacher_scale``) labels them: the chosen class is
     sampled from the teacher, the rejected class uniformly among the others. ``n_probes`` sets
-    of uniformly random labels on the held-out contexts are the unrelated probes.
-    ``optimizer``: ``sgd`` (plain gradient descent, the setting of Ren & Sutherland's analysis)
-    or ``adam``.
+    of uniformly random labels on the held-out contexts are the unrelated probes. SFT: the
+    policy is distilled from the teacher for ``sft_steps`` full-batch Adam steps (lr 0.05).
+    ``optimizer`` of the preference phase: ``adam`` (default; the same for every loss) or
+    ``sgd`` (plain gradient descent, as in Ren & Sutherland's analysis; IPO and Cal-DPO need a
+    small ``--lr`` with it).
     """
 
     vocab: int = 16

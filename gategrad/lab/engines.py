@@ -12,6 +12,7 @@ Interface (duck-typed; see :class:`TorchEngine`):
 - ``load(np_params) -> params``: framework parameters from NumPy (float64) ones;
 - ``token_logps(params, tokens, mask) -> (B, T-1)``: per-token log-probs;
 - ``evaluate(params, tokens, mask) -> {metric: (B,)}``: :func:`gategrad.metrics.sequence_metrics`;
+- ``close()``: undo global settings (PyTorch's thread count);
 - ``trainer(params, lr) -> Trainer`` with ``sft_step(tokens, mask) -> loss``,
   ``pref_step(method, chosen, rejected, mask, ref_chosen, ref_rejected, beta) -> {"loss",
   "gate"}`` and ``params``.
@@ -96,8 +97,13 @@ class TorchEngine:
         from gategrad.testing.models import torch_models
 
         self.torch, self.tm, self.cfg, self.dtype = torch, torch_models, cfg, dtype
+        self._threads = torch.get_num_threads()
         if threads > 0:
             torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        """Restore the thread count that was set before this engine."""
+        self.torch.set_num_threads(self._threads)
 
     def load(self, np_params: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.tm.params_from_numpy(np_params, self.dtype)
@@ -251,6 +257,9 @@ class JaxEngine:
     def _dt(self) -> Any:
         return self.jnp.float64 if self.dtype == "float64" else self.jnp.float32
 
+    def close(self) -> None:
+        pass
+
     def load(self, np_params: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.jm.params_from_numpy(np_params, self.dtype)
 
@@ -339,6 +348,9 @@ class MlxEngine:
 
     def _dt(self) -> Any:
         return self.mx.float64 if self.dtype == "float64" else self.mx.float32
+
+    def close(self) -> None:
+        pass
 
     def load(self, np_params: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.mm.params_from_numpy(np_params, self.dtype)

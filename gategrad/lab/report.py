@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "COLUMNS",
+    "replot",
     "format_table",
     "plot_delta_chosen",
     "plot_mass_dynamics",
@@ -187,14 +188,15 @@ def _curves(records: list[dict[str, Any]], key: str, quantity: str) -> tuple[np.
     runs = [r for r in records if r["method"] == key]
     steps = np.array([c["step"] for c in runs[0]["checkpoints"]])
     vals = np.array([[c[quantity] for c in r["checkpoints"]] for r in runs])
+    vals = vals - vals[:, :1]  # change since step 0, per seed
     return steps, vals.mean(axis=0), vals.std(axis=0)
 
 
 def plot_mass_dynamics(
     records: list[dict[str, Any]], methods: list[Any], path: str | Path, title: str = ""
 ) -> Path:
-    """Log-prob of chosen, rejected, argmax and others against step: one row per base loss,
-    one line per gate kind (mean over seeds, band ± std)."""
+    """Log-prob of chosen, rejected, argmax and others against step, as the change since step 0
+    of each seed: one row per base loss, one line per gate kind (mean over seeds, band ± std)."""
     plt = _pyplot()
     quantities = (
         ("chosen", "chosen"),
@@ -220,15 +222,42 @@ def plot_mass_dynamics(
                 ax.plot(steps, mean, color=color, lw=1.6, label=m.name)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, lw=0)
             if i == 0:
-                ax.set_title(f"log-prob: {label}", fontsize=10)
+                ax.set_title(f"Δ log-prob: {label}", fontsize=10)
             if j == 0:
                 ax.legend(fontsize=7, loc="lower left")
+            ax.axhline(0.0, color="black", lw=0.6)
             if i == len(losses) - 1:
                 ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    fig.suptitle(title or "Mass dynamics (mean over seeds, band ± std)", fontsize=11)
+    fig.suptitle(
+        (title or "Mass dynamics")
+        + " (log-prob change since step 0, nats; mean over seeds, band ± std)",
+        fontsize=11,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def replot(out_dir: str | Path) -> list[Path]:
+    """Redraw the figures of a finished run from its ``results.json``."""
+    import json
+
+    from .methods import Method
+
+    out = Path(out_dir)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    methods = [
+        Method(m["loss_type"], m["gate_kind"], None, m["loss_params"], m.get("tag", ""))
+        for m in data["methods"]
+    ]
+    cfg = data["config"]
+    title = f"{cfg['model']} / {cfg['backend']}, seeds {cfg['seeds']}"
+    return [
+        plot_delta_chosen(data["summary"], out / "delta_chosen.png", f"Δ Chosen: {title}"),
+        plot_mass_dynamics(
+            data["runs"], methods, out / "mass_dynamics.png", f"Mass dynamics: {title}"
+        ),
+    ]

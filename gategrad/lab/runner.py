@@ -6,7 +6,8 @@ Output directory contents:
   ``gategrad lab --config config.json``);
 - ``results.json``: every checkpoint of every (method, seed), the per-method summary, timings
   and versions;
-- ``table.md``: the table in the paper's format (also printed);
+- ``table.txt``: the table in the paper's format, as Markdown (also printed; not named ``.md``
+  so that an output directory under ``docs/`` does not become a MkDocs page);
 - ``delta_chosen.png`` and ``mass_dynamics.png`` when matplotlib is installed.
 """
 
@@ -147,9 +148,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_json(path: Path, data: Any) -> None:
+def _round(obj: Any, digits: int) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
+    """JSON with NaN allowed. ``compact`` (the large results files): one line, floats rounded
+    to 7 significant digits."""
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=_json_default, allow_nan=True)
+        if compact:
+            json.dump(
+                _round(data, 7),
+                fh,
+                separators=(",", ":"),
+                default=_json_default,
+                allow_nan=True,
+            )
+        else:
+            json.dump(data, fh, indent=1, default=_json_default, allow_nan=True)
         fh.write("\n")
 
 
@@ -198,7 +220,7 @@ def run_lab(
             "seconds": seconds,
             "versions": _versions(cfg.backend),
         }
-        write_json(out / "results.json", results)
+        write_json(out / "results.json", results, compact=True)
         md = [
             f"# gategrad lab: {cfg.model} on {cfg.backend}",
             "",
@@ -207,8 +229,8 @@ def run_lab(
             *notes,
             "",
         ]
-        (out / "table.md").write_text("\n".join(md), encoding="utf-8")
-        result.files += [out / "config.json", out / "results.json", out / "table.md"]
+        (out / "table.txt").write_text("\n".join(md), encoding="utf-8")
+        result.files += [out / "config.json", out / "results.json", out / "table.txt"]
         if plots:
             try:
                 title = f"{cfg.model} / {cfg.backend}, seeds {cfg.seeds}"

@@ -196,8 +196,8 @@ def run_sweep(
     if write:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "sweep.json", result)
-        (out / "sweep.md").write_text(
+        write_json(out / "sweep.json", result, compact=True)
+        (out / "sweep.txt").write_text(
             f"# gategrad lab sweep: {cfg.model} on {cfg.backend}\n\n{text}\n", encoding="utf-8"
         )
         if plots:

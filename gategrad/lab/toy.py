@@ -12,11 +12,13 @@ Setup (per seed; see :class:`gategrad.lab.config.ToyOptions`):
 - a random teacher ``softmax(c W_T)`` labels every context: chosen ~ teacher (on-distribution),
   rejected uniform among the other classes;
 - the policy is ``softmax(c W + b)`` with :func:`gategrad.testing.models.init_softmax_params`;
-  an optional SFT warm-up on the chosen labels; the reference model is the policy at the start;
+  SFT warm-up: the policy is distilled from the teacher on the training contexts; the reference
+  model is the policy after SFT;
 - full-batch steps of the preference loss with the closed-form gradients of
   :mod:`gategrad.lab._numpy_grads`, the gate applied to the rejected branch only;
-- checkpoints on held-out contexts (their own chosen/rejected labels, the per-context argmax,
-  top-1 mass, entropy) and on five probe sets of random labels ("others").
+- checkpoints: ``chosen``/``rejected`` on the training pairs (the ones being optimised), and on
+  the held-out contexts their own labels (``heldout_chosen``/``heldout_rejected``), the
+  per-context argmax, top-1 mass and entropy, and five probe sets of random labels ("others").
 
 A one-class response is a one-token response, so the ``seq`` and ``q10`` estimators coincide
 and the per-token gate is the per-example gate with the log-space shape.

@@ -121,6 +121,21 @@ def run_transformer(
     methods = cfg.methods() if methods is None else methods
     mcfg = model_config(cfg)
     engine = get_engine(cfg.backend, mcfg, o.dtype, o.threads)
+    try:
+        return _run(cfg, methods, engine, on_step, on_phase)
+    finally:
+        engine.close()
+
+
+def _run(
+    cfg: LabConfig,
+    methods: list[Method],
+    engine: Any,
+    on_step: Callable[[int], None] | None,
+    on_phase: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    o = cfg.transformer
+    mcfg = model_config(cfg)
     records = []
     for seed in cfg.seeds:
         t0 = time.perf_counter()
