@@ -14,7 +14,7 @@ from typing import Any
 
 from .methods import BASE_LOSSES, GateParams, build_methods, canonical_loss
 
-__all__ = ["LabConfig", "ToyOptions", "TransformerOptions", "MODEL_DEFAULTS"]
+__all__ = ["MODEL_DEFAULTS", "LabConfig", "Settled", "ToyOptions", "TransformerOptions"]
 
 MODELS: tuple[str, ...] = ("toy", "transformer")
 TRANSFORMER_BACKENDS: tuple[str, ...] = ("torch", "jax", "mlx")
@@ -86,6 +86,17 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Settled:
+    """The fields of a resolved :class:`LabConfig` that have model-dependent defaults."""
+
+    backend: str
+    steps: int
+    lr: float
+    eval_every: int
+    out_dir: str
+
+
 @dataclass
 class LabConfig:
     """Everything a lab run depends on. ``None`` fields take the model's default.
@@ -146,12 +157,27 @@ class LabConfig:
         out.seeds = [int(s) for s in self.seeds]
         if not out.seeds:
             raise ValueError("seeds must not be empty")
-        if out.steps < 1 or out.eval_every < 1:
+        r = out.settled()
+        if r.steps < 1 or r.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
-        if not (out.lr > 0 and out.beta > 0):
+        if not (r.lr > 0 and out.beta > 0):
             raise ValueError("lr and beta must be > 0")
         self.methods_of(out)  # validates losses and gates
         return out
+
+    def settled(self) -> Settled:
+        """The model-dependent fields of a :meth:`resolved` config, typed as set."""
+        values = {n: getattr(self, n) for n in ("backend", "steps", "lr", "eval_every", "out_dir")}
+        unset = sorted(n for n, v in values.items() if v is None)
+        if unset:
+            raise ValueError(f"{unset} unset: call LabConfig.resolved() first")
+        return Settled(
+            backend=str(values["backend"]),
+            steps=int(values["steps"]),
+            lr=float(values["lr"]),
+            eval_every=int(values["eval_every"]),
+            out_dir=str(values["out_dir"]),
+        )
 
     @staticmethod
     def methods_of(cfg: LabConfig) -> list:

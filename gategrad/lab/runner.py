@@ -98,7 +98,7 @@ class LabResult:
 def total_steps(cfg: LabConfig) -> int:
     """Optimisation steps of a resolved config (for progress bars)."""
     n_methods = len(cfg.methods())
-    per_seed = n_methods * cfg.steps
+    per_seed = n_methods * cfg.settled().steps
     if cfg.model == "transformer":
         per_seed += cfg.transformer.sft_steps
     return per_seed * len(cfg.seeds)
@@ -187,7 +187,8 @@ def run_lab(
     written) and print the table through ``echo`` (``None``: silent)."""
     cfg = cfg.resolved()
     methods = cfg.methods()
-    out = Path(cfg.out_dir) if write else None
+    settled = cfg.settled()
+    out = Path(settled.out_dir) if write else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
@@ -218,7 +219,7 @@ def run_lab(
             "start": {k: {"mean": v[0], "std": v[1]} for k, v in start.items()},
             "runs": records,
             "seconds": seconds,
-            "versions": _versions(cfg.backend),
+            "versions": _versions(settled.backend),
         }
         write_json(out / "results.json", results, compact=True)
         md = [

@@ -163,7 +163,8 @@ def run_sweep(
     cfg = cfg.resolved()
     methods = sweep_methods(spec)
     total = len(cfg.seeds) * (
-        len(methods) * cfg.steps + (cfg.transformer.sft_steps if cfg.model == "transformer" else 0)
+        len(methods) * cfg.settled().steps
+        + (cfg.transformer.sft_steps if cfg.model == "transformer" else 0)
     )
     bar = Progress(total, enabled=progress, desc=f"sweep {cfg.model}/{cfg.backend}")
     t0 = time.perf_counter()
@@ -194,7 +195,7 @@ def run_sweep(
         "seconds": seconds,
     }
     if write:
-        out = Path(cfg.out_dir)
+        out = Path(cfg.settled().out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep.json", result, compact=True)
         (out / "sweep.txt").write_text(

@@ -178,6 +178,7 @@ def run_toy(
     every ``n`` optimisation steps (progress bars).
     """
     cfg = cfg.resolved()
+    r = cfg.settled()
     methods = cfg.methods() if methods is None else methods
     records = []
     for seed in cfg.seeds:
@@ -189,13 +190,13 @@ def run_toy(
         first = _evaluate(start, data)
         for method in methods:
             params = {k: v.copy() for k, v in start.items()}
-            opt = _Optimizer(cfg.toy.optimizer, cfg.lr, params)
+            opt = _Optimizer(cfg.toy.optimizer, r.lr, params)
             checkpoints = [{"step": 0, **first, "loss": float("nan"), "gate": float("nan")}]
             done = 0
-            for step in range(1, cfg.steps + 1):
+            for step in range(1, r.steps + 1):
                 grads, info = toy_step(params, data, method, ref, cfg.beta)
                 opt.step(params, grads)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % r.eval_every == 0 or step == r.steps:
                     checkpoints.append({"step": step, **_evaluate(params, data), **info})
                     if on_step is not None:
                         on_step(step - done)

@@ -120,7 +120,7 @@ def run_transformer(
     o = cfg.transformer
     methods = cfg.methods() if methods is None else methods
     mcfg = model_config(cfg)
-    engine = get_engine(cfg.backend, mcfg, o.dtype, o.threads)
+    engine = get_engine(cfg.settled().backend, mcfg, o.dtype, o.threads)
     try:
         return _run(cfg, methods, engine, on_step, on_phase)
     finally:
@@ -135,6 +135,7 @@ def _run(
     on_phase: Callable[[str], None] | None,
 ) -> list[dict[str, Any]]:
     o = cfg.transformer
+    r = cfg.settled()
     mcfg = model_config(cfg)
     records = []
     for seed in cfg.seeds:
@@ -164,12 +165,12 @@ def _run(
             "entropy_rate": lang.entropy_rate(),
             "seconds": time.perf_counter() - t0,
         }
-        batches = _batches(seed, o.n_pairs, o.batch_size, cfg.steps)
+        batches = _batches(seed, o.n_pairs, o.batch_size, r.steps)
         for method in methods:
             if on_phase is not None:
                 on_phase(f"seed {seed}: {method.name}")
             t1 = time.perf_counter()
-            tr = engine.trainer(sft, cfg.lr)
+            tr = engine.trainer(sft, r.lr)
             checkpoints = [{"step": 0, **first, "loss": float("nan"), "gate": float("nan")}]
             losses, gates = [], []
             for step, idx in enumerate(batches, start=1):
@@ -186,7 +187,7 @@ def _run(
                 gates.append(info["gate"])
                 if on_step is not None:
                     on_step(1)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % r.eval_every == 0 or step == r.steps:
                     checkpoints.append(
                         {
                             "step": step,
