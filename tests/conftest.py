@@ -48,7 +48,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped:
         reporter.write_line(
             f"GATEGRAD_STRICT_SKIPS=1: {len(skipped)} test(s) skipped; every framework must be "
-            "installed in CI:", red=True
+            "installed in CI:",
+            red=True,
         )
         for r in skipped[:20]:
             reporter.write_line(f"  {r.nodeid}: {r.longrepr}", red=True)

@@ -16,8 +16,9 @@ from gategrad.testing import from_numpy
 
 def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
     # cwd outside the repository: the installed package is what is imported
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_import_gategrad_imports_no_framework(tmp_path) -> None:
@@ -32,8 +33,9 @@ def test_import_gategrad_imports_no_framework(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize(("framework", "extra"), [("torch", "torch"), ("jax", "jax"),
-                                                  ("mlx", "mlx")])
+@pytest.mark.parametrize(
+    ("framework", "extra"), [("torch", "torch"), ("jax", "jax"), ("mlx", "mlx")]
+)
 def test_uninstalled_framework_names_the_pip_extra(tmp_path, framework: str, extra: str) -> None:
     blocked = "mlx" if framework == "mlx" else framework
     code = (
@@ -62,8 +64,9 @@ def test_unknown_backend_and_type() -> None:
         gate_rejected(np.zeros((2, 3)), {"tau": 0.1})
 
 
-@pytest.mark.parametrize(("a", "b"), [("torch", "numpy"), ("jax", "torch"), ("mlx", "jax"),
-                                      ("numpy", "mlx")])
+@pytest.mark.parametrize(
+    ("a", "b"), [("torch", "numpy"), ("jax", "torch"), ("mlx", "jax"), ("numpy", "mlx")]
+)
 def test_mixed_frameworks_raise_type_error_naming_both(a: str, b: str) -> None:
     skip_unless(a)
     skip_unless(b)

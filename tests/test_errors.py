@@ -87,6 +87,7 @@ def test_traced_inputs_skip_value_checks_but_stay_finite() -> None:
     import jax.numpy as jnp
 
     f = jax.jit(jax.grad(lambda x: gate_rejected(x, Gate()).sum()))
-    assert np.isnan(np.asarray(jax.jit(lambda x: gate_rejected(x, Gate()).sum())(
-        jnp.array([[np.nan, -1.0]])))).all()
+    assert np.isnan(
+        np.asarray(jax.jit(lambda x: gate_rejected(x, Gate()).sum())(jnp.array([[np.nan, -1.0]])))
+    ).all()
     assert np.isfinite(np.asarray(f(jnp.array([[-np.inf, -1.0]])))).all()

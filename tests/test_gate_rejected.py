@@ -43,8 +43,12 @@ def _gate_for(gate: Gate, estimator: str, granularity: str) -> Gate:
 
 
 @pytest.mark.parametrize("backend", ALL)
-@given(batch=token_batches(), gate=gates, estimator=st.sampled_from(ESTIMATORS),
-       granularity=st.sampled_from(["example", "token"]))
+@given(
+    batch=token_batches(),
+    gate=gates,
+    estimator=st.sampled_from(ESTIMATORS),
+    granularity=st.sampled_from(["example", "token"]),
+)
 def test_forward_is_bitwise_identity(backend, batch, gate, estimator, granularity) -> None:
     skip_unless(backend)
     gate = _gate_for(gate, estimator, granularity)
@@ -106,8 +110,9 @@ def _check_vjp(backend, mode, batch, gate, estimator, granularity) -> None:
             np.testing.assert_array_equal(grad, own)
         else:
             np.testing.assert_allclose(grad, own, rtol=1e-6, atol=1e-6 * np.abs(own).max())
-        ref = npref.vjp(batch["logps"].astype(dtype), batch["cot"].astype(dtype), gate,
-                        batch["mask"])
+        ref = npref.vjp(
+            batch["logps"].astype(dtype), batch["cot"].astype(dtype), gate, batch["mask"]
+        )
         exact64 = dtype == "float64" and backend != "mlx"  # MLX float64 is float32-accurate
         slack = _gate_slack(gate, batch, 1e-13 if exact64 else 2e-6) * np.abs(batch["cot"])
         tol = (1e-12 if exact64 else 2e-6) * max(1.0, np.abs(ref).max())
@@ -125,8 +130,9 @@ def _gate_slack(gate: Gate, batch: dict, rel: float) -> np.ndarray:
     hi = gategrad.gate_value(gate, logp + d, log=True)
     lo = gategrad.gate_value(gate, logp - d, log=True)
     slack = np.abs(hi - lo)
-    return slack if stats.mask is not None else np.broadcast_to(slack[:, None],
-                                                                batch["logps"].shape)
+    return (
+        slack if stats.mask is not None else np.broadcast_to(slack[:, None], batch["logps"].shape)
+    )
 
 
 def _expected(backend, x, v, gate, mask):
@@ -166,10 +172,12 @@ def test_per_sequence_input_uses_seq_estimator(backend: str) -> None:
     seq = np.where(mask, tok, 0).sum(-1)
     gate = Gate(shape="log_sigmoid", tau=0.2)
     f64 = float64_name(backend)
-    by_tokens = gategrad.gate_weights(from_numpy(backend, tok, f64), gate,
-                                      from_numpy(backend, mask))
-    by_seq = gategrad.gate_weights(from_numpy(backend, seq, f64), gate,
-                                   lengths=from_numpy(backend, mask.sum(-1), f64))
+    by_tokens = gategrad.gate_weights(
+        from_numpy(backend, tok, f64), gate, from_numpy(backend, mask)
+    )
+    by_seq = gategrad.gate_weights(
+        from_numpy(backend, seq, f64), gate, lengths=from_numpy(backend, mask.sum(-1), f64)
+    )
     tol = 1e-6 if backend == "mlx" else 1e-12
     np.testing.assert_allclose(to_numpy(by_seq.weight), to_numpy(by_tokens.weight), atol=tol)
     np.testing.assert_allclose(to_numpy(by_seq.p), np.exp(seq / mask.sum(-1)), rtol=tol)
@@ -187,11 +195,17 @@ def test_token_granularity_leaves_masked_positions_unscaled() -> None:
 def test_minus_inf_gives_zero_gate_and_finite_gradient(backend: str) -> None:
     skip_unless(backend)
     logps = np.array([[-np.inf, -1.0, -2.0], [-0.1, -0.2, -0.3]])
-    for gate in (Gate(shape="log_sigmoid", estimator="seq"), Gate(shape="power", floor=0.2,
-                                                                   estimator="min")):
+    for gate in (
+        Gate(shape="log_sigmoid", estimator="seq"),
+        Gate(shape="power", floor=0.2, estimator="min"),
+    ):
         x = from_numpy(backend, logps, "float32")
-        _, grad = vjp(backend, lambda z, g=gate: gate_rejected(z, g), x,
-                      from_numpy(backend, np.ones_like(logps), "float32"))
+        _, grad = vjp(
+            backend,
+            lambda z, g=gate: gate_rejected(z, g),
+            x,
+            from_numpy(backend, np.ones_like(logps), "float32"),
+        )
         grad = to_numpy(grad)
         assert np.isfinite(grad).all()
         np.testing.assert_allclose(grad[0], gate.floor, atol=0)
@@ -208,12 +222,17 @@ def test_scale_grad_is_the_generic_hook(backend: str) -> None:
         assert gategrad.scale_grad(x, w) is x
         return
     xb = from_numpy(backend, x, "float32")
-    out, grad = vjp(backend, lambda z: gategrad.scale_grad(z, from_numpy(backend, w, "float32")),
-                    xb, from_numpy(backend, v, "float32"))
+    out, grad = vjp(
+        backend,
+        lambda z: gategrad.scale_grad(z, from_numpy(backend, w, "float32")),
+        xb,
+        from_numpy(backend, v, "float32"),
+    )
     np.testing.assert_array_equal(to_numpy(out), x.astype(np.float32))
     np.testing.assert_array_equal(to_numpy(grad), (v * w).astype(np.float32))
-    _, grad = vjp(backend, lambda z: gategrad.scale_grad(z, 0.25), xb,
-                  from_numpy(backend, v, "float32"))
+    _, grad = vjp(
+        backend, lambda z: gategrad.scale_grad(z, 0.25), xb, from_numpy(backend, v, "float32")
+    )
     np.testing.assert_array_equal(to_numpy(grad), (v * 0.25).astype(np.float32))
 
 
@@ -267,8 +286,9 @@ def test_jax_vmap_and_traced_gate_parameters() -> None:
     grad_fn = jax.jit(jax.grad(loss))
     np.testing.assert_allclose(grad_fn(jnp.asarray(logps), gate), ref, rtol=1e-12)
     other = gate.replace(tau=0.5)
-    np.testing.assert_allclose(grad_fn(jnp.asarray(logps), other), npref.vjp(logps, v, other),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        grad_fn(jnp.asarray(logps), other), npref.vjp(logps, v, other), rtol=1e-12
+    )
     assert grad_fn._cache_size() == 1, "a new tau must not recompile: gate params are traced"
     rows = jax.vmap(jax.grad(lambda x, vv: (gate_rejected(x[None], gate) * vv).sum()))
     np.testing.assert_allclose(rows(jnp.asarray(logps), jnp.asarray(v)), ref, rtol=1e-12)
@@ -307,8 +327,7 @@ def test_mlx_vmap_and_compile() -> None:
     def loss(x):
         return (gate_rejected(x, gate) * mv).sum()
 
-    np.testing.assert_allclose(np.array(mx.compile(mx.grad(loss))(mx.array(logps))), ref,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.array(mx.compile(mx.grad(loss))(mx.array(logps))), ref, atol=1e-6)
     rows = mx.vmap(mx.grad(lambda x, vv: (gate_rejected(x[None], gate) * vv).sum()))
     np.testing.assert_allclose(np.array(rows(mx.array(logps), mv)), ref, atol=1e-6)
 
@@ -321,7 +340,8 @@ def test_gate_is_a_jax_pytree_as_soon_as_jax_is_loaded(tmp_path) -> None:
         "f = jax.jit(lambda x, g: gategrad.gate_rejected(x, g).sum())\n"
         "print(float(f(jnp.full((2, 3), -1.0), gategrad.Gate(estimator='q10'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "-6.0"

@@ -21,9 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
     )
     (whl,) = out.glob("gategrad-*.whl")
     return whl
@@ -42,9 +53,7 @@ def _source_packages() -> set[str]:
 
 def test_wheel_ships_every_package_and_the_backends_mapping(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {
-        ".".join(Path(n).parent.parts) for n in names if n.endswith("/__init__.py")
-    }
+    shipped = {".".join(Path(n).parent.parts) for n in names if n.endswith("/__init__.py")}
     missing = _source_packages() - shipped
     assert not missing, f"packages missing from the wheel (add them to pyproject): {missing}"
     for module in ("numpy", "torch", "jax", "mlx"):
@@ -57,12 +66,19 @@ def test_wheel_imports_from_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        timeout=300,
+    )
     # numpy and torch come from this environment, appended after the fresh site-packages,
     # so the wheel's gategrad (not this checkout's) is the one imported.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "host-frameworks.pth").write_text(sysconfig.get_path("purelib") + "\n")
     code = (
         "import gategrad, gategrad.backends.torch as bt, gategrad.backends.numpy\n"
@@ -74,7 +90,8 @@ def test_wheel_imports_from_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
         "assert torch.isfinite(x.grad).all()\n"
         "print('ok', gategrad.__version__)\n"
     )
-    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok ")
