@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from ._core import _require_gate, gate_rejected
@@ -11,8 +12,9 @@ from ._xp import Array, ArrayOps
 
 __all__ = ["token_logps"]
 
-#: Auto-chunking budget: the most logits elements one ``logsumexp`` sees at once (16 MiB of
-#: float32). Each chunk's float32 temporaries are bounded by it, not by ``B * T * V``.
+#: Auto-chunking budget: the most logits elements one chunk holds (16 MiB of float32). Each
+#: chunk's float32 temporaries are bounded by it, not by ``B * T * V``. Used by torch, NumPy and
+#: eager (concrete) JAX; see :func:`token_logps` for why traced JAX and MLX need no chunks.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -38,7 +40,12 @@ def _lse_in(ops: ArrayOps, dtype: Any) -> Any:
 def _chunk_logps(
     ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
 ) -> Array:
-    """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``."""
+    """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``.
+
+    Chunks are slices: for arrays without a gradient (NumPy, concrete JAX) or an explicit
+    ``chunk_size``. (Under autograd the gradient of each slice is a zero-padded ``(B, T, V)``
+    array, which is why torch and traced JAX/MLX take the other paths.)
+    """
     batch, length = int(labels.shape[0]), int(labels.shape[1])
     out_rows = []
     for b0 in range(0, batch, rows):
@@ -55,6 +62,56 @@ def _chunk_logps(
             idx = labels[b0:b1, t0:t1][..., None]
             picked = ops.take_along_axis(block, idx, axis=-1)[..., 0]
             pieces.append(ops.astype(picked, cdtype) - lse)
+        out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
+    return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
+
+
+def _fused_logps(ops: ArrayOps, logits: Array, labels: Array, cdtype: Any) -> Array:
+    """One ``logsumexp`` over all the logits, for compilers that fuse it (XLA, MLX).
+
+    XLA (JAX under ``jit`` or ``grad``) and MLX's ``logsumexp`` primitive reduce without a
+    ``(B, T, V)`` temporary, and the gradient of one reduction is one ``(B, T, V)`` array;
+    slicing would add a zero-padded one per chunk (measured in ``benchmarks/overhead.py``).
+    """
+    picked = ops.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    if logits.dtype == cdtype:
+        lse = ops.logsumexp(logits, axis=-1)
+    else:  # low precision: the float32 cast is recomputed in the backward, not kept
+        lse = ops.checkpoint(_lse_in(ops, cdtype), logits)
+    return ops.astype(picked, cdtype) - lse
+
+
+def _torch_logps(
+    ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
+) -> Array:
+    """torch: fused ``log_softmax`` + gather per chunk, chunks from ``split``.
+
+    ``split`` has one backward node that concatenates the chunks' gradients (slices would each
+    add a zero-padded ``(B, T, V)`` gradient). Each chunk runs under activation checkpointing:
+    the backward recomputes the chunk's log-softmax (one fused pass) instead of keeping it, so
+    nothing of size ``B * T * V`` is held between forward and backward (only views of the
+    logits), except under ``torch.func`` transforms, which do not support checkpointing.
+    ``log_softmax(..., dtype=float32)`` casts bf16/fp16 chunks inside the kernel.
+    """
+
+    import torch
+
+    def pick(block: Array, idx: Array) -> Array:
+        return block.log_softmax(-1, dtype=cdtype).gather(-1, idx)[..., 0]
+
+    # torch.func transforms refuse the saved-tensor hooks of checkpointing: there each chunk's
+    # log-softmax is kept for the backward instead.
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if not torch.compiler.is_compiling() and wrapped is not None and wrapped(logits):
+        run = pick
+    else:
+        run = partial(ops.checkpoint, pick)
+    out_rows = []
+    for xb, yb in zip(logits.split(rows, 0), labels.split(rows, 0), strict=True):
+        pieces = [
+            run(xc, yc[..., None])
+            for xc, yc in zip(xb.split(cols, 1), yb.split(cols, 1), strict=True)
+        ]
         out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
     return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
 
@@ -97,11 +154,19 @@ def token_logps(
         ``shift=True``. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
         both to :func:`gategrad.preference_loss` (``*_logps`` and ``*_mask``).
 
-    Memory: the log-softmax is never materialised. Each chunk needs ``logsumexp`` (and, for
-    bf16/fp16 logits, one float32 cast) of that chunk only, plus a gather of the label's logit;
-    so besides the logits the peak holds one chunk's temporaries, not a second ``(B, T, V)``
-    buffer. Under autograd, the framework keeps what each chunk's backward needs (for float32
-    logits a view, for bf16/fp16 logits each chunk's float32 cast).
+    Memory and speed: no second ``(B, T, V)`` buffer besides the logits (and, under autograd,
+    their gradient), and nothing of that size held between forward and backward (low
+    precision: the float32 cast is recomputed in the backward). Per framework:
+
+    - torch: chunks of at most :data:`CHUNK_ELEMENTS` logits (``split``), each a fused
+      ``log_softmax`` + gather whose log-softmax is recomputed in the backward; the peak holds
+      one chunk's log-softmax;
+    - JAX under ``jit``/``grad`` and MLX (automatic ``chunk_size``): one ``logsumexp`` and one
+      gather over all the logits, which XLA and MLX compute without a ``(B, T, V)`` temporary;
+    - NumPy and eager JAX arrays: ``logsumexp`` chunk by chunk.
+
+    ``benchmarks/overhead.py`` compares it with ``log_softmax`` + gather and with TRL's
+    ``selective_log_softmax`` (docs/benchmarks.md).
     """
     ops = get_ops(common_framework(logits=logits, labels=labels, mask=mask))
     if logits.ndim != 3:
@@ -148,7 +213,14 @@ def token_logps(
     cdtype = ops.compute_dtype(logits)
     batch, length, vocab = (int(n) for n in logits.shape)
     rows, cols = _plan(batch, length, vocab, chunk_size)
-    logps = _chunk_logps(ops, logits, safe, cdtype, rows, cols)
+    if ops.name == "torch":
+        logps = _torch_logps(ops, logits, safe, cdtype, rows, cols)
+    elif chunk_size is None and (
+        ops.name == "mlx" or (ops.name == "jax" and not ops.is_concrete(logits))
+    ):
+        logps = _fused_logps(ops, logits, safe, cdtype)
+    else:
+        logps = _chunk_logps(ops, logits, safe, cdtype, rows, cols)
     logps = ops.where(valid, logps, ops.full_like(logps, 0.0))
     if gate is not None:
         logps = gate_rejected(logps, gate, valid)

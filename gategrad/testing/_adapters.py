@@ -117,12 +117,16 @@ def value_and_grad(
         import torch
 
         run = _compile(name, fn) if mode == "compiled" else fn
-        args = [a.detach().clone().requires_grad_(i in argnums) if i in argnums else a
-                for i, a in enumerate(args)]
+        args = [
+            a.detach().clone().requires_grad_(i in argnums) if i in argnums else a
+            for i, a in enumerate(args)
+        ]
         value = run(*args)
         grads = torch.autograd.grad(value, [args[i] for i in argnums], allow_unused=True)
-        grads = tuple(torch.zeros_like(args[i]) if g is None else g
-                      for i, g in zip(argnums, grads))
+        grads = tuple(
+            torch.zeros_like(args[i]) if g is None else g
+            for i, g in zip(argnums, grads, strict=True)
+        )
         return value.detach(), grads
     if name == "jax":
         import jax
@@ -152,3 +156,48 @@ def vjp(
     out = fn(x)
     _, (grad,) = value_and_grad(name, scalar, (x, cotangent), argnums=(0,), mode=mode)
     return out, grad
+
+
+def vmap_value_and_grad(
+    name: str,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    argnums: Sequence[int] = (0,),
+    batched: Sequence[int] = (),
+    mode: str = "eager",
+) -> tuple[Any, tuple[Any, ...]]:
+    """Per-slice ``value_and_grad`` under the framework's ``vmap``.
+
+    ``args[i]`` for ``i`` in ``batched`` carry a leading axis ``K`` that is mapped over; the
+    others are shared by every slice. Returns ``(values (K,), grads)`` with every gradient
+    stacked along a leading ``K`` axis: ``torch.func.vmap(torch.func.grad_and_value(...))``,
+    ``jax.vmap(jax.value_and_grad(...))`` or ``mx.vmap(mx.value_and_grad(...))``;
+    ``mode='compiled'`` compiles the vmapped function as :func:`value_and_grad` does.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    argnums = tuple(argnums)
+    axes = [0 if i in batched else None for i in range(len(args))]
+    if name == "torch":
+        import torch
+
+        gv = torch.func.grad_and_value(fn, argnums=argnums)
+        run = torch.func.vmap(gv, in_dims=tuple(axes))
+        grads, value = (_compile(name, run) if mode == "compiled" else run)(*args)
+        return value, tuple(grads)
+    if name == "jax":
+        import jax
+
+        run = jax.vmap(jax.value_and_grad(fn, argnums=argnums), in_axes=axes)
+        value, grads = (_compile(name, run) if mode == "compiled" else run)(*args)
+        return value, tuple(grads)
+    if name == "mlx":
+        import mlx.core as mx
+
+        vg = mx.value_and_grad(fn, argnums=list(argnums))
+        run = mx.vmap(vg, in_axes=tuple(axes))
+        value, grads = (_compile(name, run) if mode == "compiled" else run)(*args)
+        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
+        mx.eval(value, *grads)
+        return value, tuple(grads)
+    raise ValueError(f"no vmap for backend {name!r}")

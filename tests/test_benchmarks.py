@@ -1,0 +1,137 @@
+"""``benchmarks/overhead.py --smoke`` runs end to end and writes its report.
+
+The smoke run uses tiny sizes and one repetition: its numbers mean nothing, and nothing here
+asserts on timings. It keeps the script working: every section is present, every installed
+backend ran without error, every ratio it reports is finite, and the memory subprocesses
+answered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gategrad
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+MODES = {"torch-eager": "torch", "torch-compile": "torch", "jax-jit": "jax", "mlx-compile": "mlx"}
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every (path, value) leaf pair of a JSON tree."""
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _walk(v, f"{path}/{k}")]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _walk(v, f"{path}/{i}")]
+    return [(path, node)]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("overhead")
+    out = tmp / "results"
+    # cwd outside the repository: the repository's gategrad/ (without backends/) must not
+    # shadow the installed package in the subprocesses.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    report = json.loads((out / "overhead.json").read_text())
+    report["_markdown"] = (out / "overhead.md").read_text()
+    report["_stdout"] = proc.stdout
+    return report
+
+
+@pytest.mark.slow
+def test_smoke_writes_every_section(smoke: dict[str, Any]) -> None:
+    assert {"meta", "step", "mechanism", "gate_cost", "logps"} <= set(smoke)
+    assert smoke["meta"]["smoke"] is True
+    md = smoke["_markdown"]
+    for title in (
+        "## 1. DPO training step",
+        "## 1b. The gate's own cost",
+        "## 2. Per-token log-probs",
+        "## 3. Gate mechanism",
+    ):
+        assert title in md
+    assert md.strip() in smoke["_stdout"]
+
+
+@pytest.mark.slow
+def test_smoke_every_installed_backend_ran(smoke: dict[str, Any]) -> None:
+    for mode, fw in MODES.items():
+        res = smoke["step"][mode]
+        if not gategrad.is_available(fw):
+            assert "skipped" in res
+            continue
+        assert "error" not in res, res
+        variants = res["variants"]
+        assert "ungated" in variants and "example/q10" in variants
+        for name, row in variants.items():
+            assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, (mode, name)
+            if name != "ungated" and row.get("baseline"):
+                assert row["time_ratio"]["n"] >= 1, (mode, name)
+    if gategrad.is_available("torch"):
+        eager = smoke["step"]["torch-eager"]["variants"]
+        assert {"example/seq", "token/log_sigmoid", "example/seq [checks off]"} <= set(eager)
+        for name in ("ungated", "example/seq"):
+            rss = eager[name]["rss"]
+            assert "error" not in rss, rss
+            assert rss["maxrss_mib"] > 0
+        assert "rss.maxrss_mib" in eager["example/seq"]["memory_ratio"]
+        assert "framework_memory.increment_mib" in eager["example/seq"]["memory_ratio"]
+        assert {"primitive", "detach-mix", "detach_over_primitive"} <= set(
+            smoke["mechanism"]["torch-eager"]
+        )
+    for mode, res in smoke["gate_cost"].items():
+        if "skipped" in res:
+            continue
+        assert "error" not in res, (mode, res)
+        assert "example/q10" in res["variants"], mode
+        assert math.isfinite(res["variants"]["example/q10"]["added_us"])
+    for key, res in smoke["logps"].items():
+        assert "error" not in res, (key, res)
+        if "impls" in res:
+            assert "token_logps" in res["impls"]
+            for impl, row in res["impls"].items():
+                if impl != "token_logps":
+                    assert row["token_logps_time_ratio"]["n"] == 1, (key, impl)
+    if gategrad.is_available("torch"):
+        torch_rows = [r for k, r in smoke["logps"].items() if k.startswith("torch/")]
+        assert torch_rows
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            assert all("trl.selective_log_softmax" in r["impls"] for r in torch_rows)
+
+
+@pytest.mark.slow
+def test_smoke_ratios_are_finite(smoke: dict[str, Any]) -> None:
+    ratios = [
+        (path, value)
+        for path, value in _walk({k: smoke[k] for k in ("step", "mechanism", "gate_cost", "logps")})
+        if path.rsplit("/", 1)[-1]
+        in ("median", "p25", "p75", "min", "max", "ratio", "implied_step_ratio")
+    ]
+    assert len(ratios) > 50
+    # None: a memory ratio against a zero baseline (undefined; the MiB difference is kept)
+    bad = [
+        (p, v)
+        for p, v in ratios
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v))
+    ]
+    assert not bad, bad[:10]
