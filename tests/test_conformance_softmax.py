@@ -61,7 +61,7 @@ def _fns(backends, spec):
 
 
 @pytest.mark.parametrize("backend", AUTOGRAD)
-@settings(max_examples=_cap(40))
+@settings(max_examples=_cap(30))
 @given(case=softmax_batches(), spec=preference_specs())
 def test_softmax_matches_numpy_closed_form(backend, case, spec) -> None:
     """Loss and dL/dW, dL/db of `backend` equal the NumPy closed form (gate included):
@@ -74,7 +74,7 @@ def test_softmax_matches_numpy_closed_form(backend, case, spec) -> None:
 
 
 @pytest.mark.parametrize("backend", AUTOGRAD)
-@settings(max_examples=_cap(30))
+@settings(max_examples=_cap(20))
 @given(case=softmax_batches(), spec=preference_specs(gate=gates()))
 def test_softmax_gate_scales_only_the_rejected_path(backend, case, spec) -> None:
     """Within one framework (float64, eager): the loss value and the reference log-probs'

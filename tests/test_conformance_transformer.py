@@ -85,7 +85,7 @@ def _batches_and_dtype():
     )
 
 
-@settings(max_examples=_cap(20))
+@settings(max_examples=_cap(16))
 @given(drawn=_batches_and_dtype(), spec=preference_specs())
 def test_transformer_backends_agree(drawn, spec) -> None:
     """Loss and every policy parameter's gradient: torch, jax and mlx pairwise, float32 within
@@ -116,7 +116,7 @@ def _numpy_loss(cfg, spec, inputs, params) -> float:
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-@settings(max_examples=_cap(10))
+@settings(max_examples=_cap(8))
 @given(
     case=transformer_batches(shapes=SHAPES["float64"]),
     spec=preference_specs(loss_types=SMOOTH, gate=st.none()),
