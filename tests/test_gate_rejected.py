@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -310,7 +311,8 @@ def test_jax_without_x64_matches_numpy_quantile() -> None:
         "    jit = np.asarray(jax.jit(lambda a, b: gategrad.masked_quantile(a, b, q))(v, m))\n"
         "    assert np.all(np.abs(jit - ref) <= np.spacing(np.abs(ref))), q\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # cwd outside the repository: its gategrad/ (no backends/) must not shadow the install
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_mlx_vmap_and_compile() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -292,7 +293,8 @@ def test_import_is_light() -> None:
         "assert 'hypothesis' in sys.modules\n"
         "assert not [m for m in ('torch', 'jax', 'mlx') if m in sys.modules]\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # cwd outside the repository: its gategrad/ (no backends/) must not shadow the install
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_public_namespace() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -728,7 +729,8 @@ def test_import_gategrad_imports_no_framework():
         "[m for m in ('torch', 'jax', 'mlx') if m in sys.modules]; "
         "gategrad.preference_loss; gategrad.token_logps; gategrad.attach"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd outside the repository: its gategrad/ (no backends/) must not shadow the install
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())
 
 
 def test_public_exports():
