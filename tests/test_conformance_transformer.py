@@ -180,10 +180,9 @@ def test_transformer_mx_compile_matches_eager(drawn, spec) -> None:
     _compiled("mlx", case, spec, dtype)
 
 
-@pytest.mark.parametrize("backend", AUTOGRAD)
-@settings(max_examples=_cap(2))
-@given(
-    drawn=st.sampled_from(DTYPES).flatmap(
+def _stacked_batches():
+    """(dtype, [(cfg, inputs), (cfg, inputs)]): two batches of one config and shape."""
+    return st.sampled_from(DTYPES).flatmap(
         lambda dtype: st.tuples(
             st.just(dtype),
             transformer_configs().flatmap(
@@ -192,12 +191,27 @@ def test_transformer_mx_compile_matches_eager(drawn, spec) -> None:
                 )
             ),
         )
-    ),
-    spec=preference_specs(gate=gates()),
-)
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@settings(max_examples=_cap(2))
+@given(drawn=_stacked_batches(), spec=preference_specs(gate=gates()))
 def test_transformer_vmap_matches_eager(backend, drawn, spec) -> None:
     """Per-batch gradients under vmap over a stack of two batches (shared weights) equal eager
-    runs batch by batch (JAX: ``jax.jit(jax.vmap(...))``)."""
+    runs batch by batch."""
+    _check_vmap(backend, drawn, spec)
+
+
+@settings(max_examples=_cap(1))  # each example compiles jax.jit(jax.vmap(...)) afresh
+@given(drawn=_stacked_batches(), spec=preference_specs(gate=gates()))
+def test_transformer_jax_vmap_matches_eager(drawn, spec) -> None:
+    """As above, with ``jax.jit(jax.vmap(...))``: eager JAX vmap compiles every batched
+    operation separately, which is slow on a CPU."""
+    _check_vmap("jax", drawn, spec)
+
+
+def _check_vmap(backend, drawn, spec) -> None:
     dtype, cases = drawn
     skip_unless(backend)
     cfg = cases[0][0]
