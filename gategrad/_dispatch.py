@@ -106,14 +106,20 @@ def _import_backend(name: str) -> Any:
     # Plain import statements (not importlib): torch.compile can trace them when the first
     # gated call happens inside a compiled region.
     if name == "torch":
-        from gategrad.backends import torch as module
-    elif name == "jax":
-        from gategrad.backends import jax as module
-    elif name == "mlx":
-        from gategrad.backends import mlx as module
-    else:
-        from gategrad.backends import numpy as module
-    return module
+        from gategrad.backends import torch as torch_backend
+
+        return torch_backend
+    if name == "jax":
+        from gategrad.backends import jax as jax_backend
+
+        return jax_backend
+    if name == "mlx":
+        from gategrad.backends import mlx as mlx_backend
+
+        return mlx_backend
+    from gategrad.backends import numpy as numpy_backend
+
+    return numpy_backend
 
 
 def ops_for(**arrays: Any) -> ArrayOps:

@@ -281,7 +281,10 @@ def test_jax_vmap_and_traced_gate_parameters() -> None:
     gate = Gate(shape="log_sigmoid", tau=0.05, estimator="q50")
     ref = npref.vjp(logps, v, gate)
 
+    traces = []  # runs in Python only while jax.jit traces
+
     def loss(x, g):
+        traces.append(1)
         return (gate_rejected(x, g) * v).sum()
 
     grad_fn = jax.jit(jax.grad(loss))
@@ -290,7 +293,7 @@ def test_jax_vmap_and_traced_gate_parameters() -> None:
     np.testing.assert_allclose(
         grad_fn(jnp.asarray(logps), other), npref.vjp(logps, v, other), rtol=1e-12
     )
-    assert grad_fn._cache_size() == 1, "a new tau must not recompile: gate params are traced"
+    assert len(traces) == 1, "a new tau must not retrace: gate params are traced"
     rows = jax.vmap(jax.grad(lambda x, vv: (gate_rejected(x[None], gate) * vv).sum()))
     np.testing.assert_allclose(rows(jnp.asarray(logps), jnp.asarray(v)), ref, rtol=1e-12)
 
