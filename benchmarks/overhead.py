@@ -94,7 +94,7 @@ class LogpsSize:
 #: (about 30 compilations included) under 10 minutes on 2 CPU cores.
 STEP_FULL = StepSize(d_model=256, n_layers=4, n_heads=4, d_ff=1024, vocab=8192, seq=128, rows=8)
 #: MLX on a CPU: its CPU matmul runs at about 1/10 of torch's here (Linux), so a smaller model.
-STEP_MLX_CPU = StepSize(d_model=128, n_layers=2, n_heads=4, d_ff=512, vocab=2048, seq=128, rows=8)
+STEP_MLX_CPU = StepSize(d_model=128, n_layers=2, n_heads=4, d_ff=512, vocab=2048, seq=64, rows=8)
 STEP_SMOKE = StepSize(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab=128, seq=16, rows=4)
 LOGPS_FULL = LogpsSize(rows=8, seq=128, vocabs=(8192, 32768))
 LOGPS_SMOKE = LogpsSize(rows=2, seq=8, vocabs=(64,))
@@ -661,24 +661,41 @@ def plan_reps(seconds_per_rep: float, budget_s: float, min_reps: int, max_reps: 
 
 
 def time_ratios(times: dict[str, list[float]], name: str, base: str) -> dict[str, Any]:
-    return ratio_stats([a / b for a, b in zip(times[name], times[base], strict=True)])
+    """Statistics of the per-repetition ratio, plus the ratio of the fastest calls
+    (``min_over_min``: on a busy machine the fastest call is the least disturbed one)."""
+    out = ratio_stats([a / b for a, b in zip(times[name], times[base], strict=True)])
+    out["min_over_min"] = min(times[name]) / min(times[base])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # memory children: one subprocess per measurement
 
 
-def run_children(specs: dict[str, dict[str, Any]], timeout_s: float) -> dict[str, Any]:
-    """Run the children two at a time (RSS is per process, so they do not disturb each
-    other's measurement; nothing is timed meanwhile)."""
+def start_children(specs: dict[str, dict[str, Any]], timeout_s: float) -> Callable[[], Any]:
+    """Start the children, two at a time (RSS is per process: they do not disturb each other's
+    measurement); the returned function waits for their results. The full run waits at once,
+    so that nothing is timed meanwhile; the smoke run lets them overlap its (meaningless)
+    timings."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not specs:
-        return {}
+        return dict
     workers = max(1, min(2, os.cpu_count() or 1, len(specs)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {k: pool.submit(run_child, spec, timeout_s) for k, spec in specs.items()}
-        return {k: f.result() for k, f in futures.items()}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = {k: pool.submit(run_child, spec, timeout_s) for k, spec in specs.items()}
+
+    def results() -> dict[str, Any]:
+        try:
+            return {k: f.result() for k, f in futures.items()}
+        finally:
+            pool.shutdown()
+
+    return results
+
+
+def run_children(specs: dict[str, dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    return dict(start_children(specs, timeout_s)())
 
 
 def run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -736,8 +753,9 @@ def memory_phase(run: Callable[[], None], steps: int) -> dict[str, Any]:
 def mem_ratio(a: float | None, b: float | None) -> dict[str, float | None] | None:
     if a is None or b is None:
         return None
-    # A ratio against nothing is undefined (None); the difference still says what it says.
-    ratio = a / b if b > 0 else (1.0 if a == b else None)
+    # A ratio of two amounts below 1 MiB (XLA's temporaries of a fused kernel, say) says
+    # nothing: it is None then, and the difference in MiB is what counts.
+    ratio = a / b if b >= 1.0 else (1.0 if a == b else None)
     return {"ratio": ratio, "delta_mib": a - b}
 
 
@@ -801,6 +819,24 @@ def step_mode(cfg: Config, mode: str, variants: tuple[Variant, ...]) -> dict[str
     device = cfg.device if fw == "torch" else "default"
     size = mode_size(cfg, mode)
     t0 = time.perf_counter()
+    specs = {}
+    if mode in cfg.rss_modes and fw == "torch" and cfg.device == "cpu":
+        specs = {
+            v.name: {
+                "section": "step",
+                "mode": mode,
+                "variant": v.name,
+                "device": cfg.device,
+                "size": dataclasses.asdict(size),
+                "torch_backend": cfg.torch_backend,
+                "warmup": 2,
+                "steps": 2,
+            }
+            for v in variants
+            # (the mechanisms' memory comes from the framework counter)
+            if v.checks and v.mechanism == "api" and (not cfg.smoke or v.name in SMOKE_MEMORY[:2])
+        }
+    early = start_children(specs, cfg.child_timeout_s) if cfg.smoke else None
     runners: dict[str, Runner] = {}
     setup: dict[str, float] = {}
     for v in variants:
@@ -843,24 +879,10 @@ def step_mode(cfg: Config, mode: str, variants: tuple[Variant, ...]) -> dict[str
         mech["detach_over_primitive"] = time_ratios(times, "detach-mix", "primitive")
     del runners
     gc.collect()
-    if mode in cfg.rss_modes and fw == "torch" and cfg.device == "cpu":
-        specs = {
-            v.name: {
-                "section": "step",
-                "mode": mode,
-                "variant": v.name,
-                "device": cfg.device,
-                "size": dataclasses.asdict(size),
-                "torch_backend": cfg.torch_backend,
-                "warmup": 2,
-                "steps": 2,
-            }
-            for v in variants
-            # (the mechanisms' memory comes from the framework counter)
-            if v.checks and v.mechanism == "api" and (not cfg.smoke or v.name in SMOKE_MEMORY[:2])
-        }
+    if specs:
         log(f"step/{mode}: {len(specs)} RSS subprocesses")
-        for name, result in run_children(specs, cfg.child_timeout_s).items():
+        done = early() if early is not None else run_children(specs, cfg.child_timeout_s)
+        for name, result in done.items():
             rows[name]["rss"] = result
     for v in variants:
         if v.baseline is None or not v.checks:
@@ -1073,6 +1095,7 @@ class LogpsCase:
         self, fw: str, impl: str, data: dict[str, np.ndarray], pas: str, device: str
     ) -> None:
         self.fw, self.impl, self.pas = fw, impl, pas
+        self.smoke = False
         self.run: Callable[[], None]
         getattr(self, f"_build_{fw}")(data, device)
 
@@ -1170,7 +1193,10 @@ class LogpsCase:
                 peak = torch.cuda.max_memory_allocated(self.device) - base
                 return {"counter": "torch.cuda.max_memory_allocated", "increment_mib": peak / 2**20}
             # the least of two: the first profiled call may count allocator warm-up
-            peaks = [p for p in (torch_profiler_peak(self.run) for _ in range(2)) if p is not None]
+            tries = 1 if self.smoke else 2
+            peaks = [
+                p for p in (torch_profiler_peak(self.run) for _ in range(tries)) if p is not None
+            ]
             if not peaks:
                 return {}
             return {"counter": "torch.profiler", "increment_mib": min(peaks) / 2**20}
@@ -1226,6 +1252,8 @@ def logps_group(
     device = cfg.device if fw == "torch" else "default"
     cases = {impl: LogpsCase(fw, impl, data, pas, device) for impl in impls}
     for case in cases.values():
+        case.smoke = cfg.smoke
+    for case in cases.values():
         for _ in range(cfg.warmup):
             case.run()
     per_rep = 0.0
@@ -1259,7 +1287,7 @@ def logps_group(
                 "warmup": 1,
                 "steps": 2,
             }
-            for impl in impls
+            for impl in impls[:2]  # TRL's memory: from the profiler (an RSS child costs ~10 s)
         }
         log(f"logps/{fw}/V={vocab}/{pas}: {len(specs)} RSS subprocesses")
         for impl, result in run_children(specs, cfg.child_timeout_s).items():
@@ -1332,10 +1360,13 @@ def machine() -> dict[str, Any]:
 def fmt_ratio(stats: dict[str, Any] | None) -> str:
     if not stats or not stats.get("n"):
         return "n/a"
-    return (
+    out = (
         f"**{stats['median']:.3f}** [{stats['p25']:.3f}, {stats['p75']:.3f}] "
         f"({stats['min']:.3f}-{stats['max']:.3f})"
     )
+    if "min_over_min" in stats:
+        out += f" {stats['min_over_min']:.3f}"
+    return out
 
 
 def fmt_mem(entry: dict[str, Any] | None) -> str:
@@ -1368,8 +1399,9 @@ def render(report: dict[str, Any]) -> str:
             else ""
         ),
         "",
-        "Time ratios: **median** [interquartile range] (min-max) of the per-repetition ratio, "
-        "variants interleaved. Memory ratios: gated / ungated peak (difference in MiB).",
+        "Time ratios: **median** [interquartile range] (min-max) of the per-repetition ratio "
+        "(variants interleaved), then the ratio of the fastest calls. Memory ratios: gated / "
+        "ungated peak (difference in MiB; '-' where both are below 1 MiB).",
         "",
     ]
     if "step" in report:
@@ -1535,19 +1567,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--deadline",
         type=float,
-        default=500.0,
-        help="seconds: timing budgets shrink so that the run ends near this",
+        default=420.0,
+        help="seconds the whole run should take: the timing budgets of later groups shrink "
+        "when set-up and compilation ran long (5 repetitions at least)",
     )
     p.add_argument(
         "--step-budget",
         type=float,
-        default=50.0,
+        default=40.0,
         help="seconds of interleaved timing per step mode, at most",
     )
     p.add_argument(
         "--logps-budget",
         type=float,
-        default=5.0,
+        default=4.0,
         help="seconds of interleaved timing per log-prob group, at most",
     )
     p.add_argument("--min-reps", type=int, default=5)
@@ -1648,6 +1681,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.smoke:
         smoke_environment()
+    # on a GPU, JAX would otherwise take 75% of its memory at start-up, leaving torch none
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cfg = make_config(args)
     TORCH_BACKEND[0] = cfg.torch_backend
     shown = sys.argv[1:] if argv is None else argv
