@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from ._core import _require_gate, gate_rejected
@@ -81,35 +80,76 @@ def _fused_logps(ops: ArrayOps, logits: Array, labels: Array, cdtype: Any) -> Ar
     return ops.astype(picked, cdtype) - lse
 
 
+_TORCH_CHUNK: list[Any] = []
+
+
+def _torch_chunk() -> Any:
+    """The ``torch.autograd.Function`` of one chunk, built on first use (so that importing
+    gategrad does not import torch)."""
+    if _TORCH_CHUNK:
+        return _TORCH_CHUNK[0]
+    import torch
+
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+    class _ChunkLogps(torch.autograd.Function):
+        """``(log_softmax(block)[idx], logsumexp(block))`` in ``dtype``; differentiable in the
+        first output only. Saves ``block`` (a view of the logits), ``idx`` and the
+        ``logsumexp`` ``(rows, cols)``: nothing of size ``B * T * V``."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(block: Any, idx: Any, dtype: Any) -> Any:  # type: ignore[override]
+            out = block.log_softmax(-1, dtype=dtype).gather(-1, idx)[..., 0]
+            return out, block.gather(-1, idx)[..., 0].to(dtype) - out
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            block, idx, _ = inputs
+            _, lse = output
+            ctx.mark_non_differentiable(lse)
+            ctx.save_for_backward(block, idx, lse)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:  # type: ignore[override]
+            # d out / d block = onehot(idx) - softmax(block)
+            block, idx, lse = ctx.saved_tensors
+            g = grad[..., None]
+            if torch.is_grad_enabled():  # create_graph: a formula autograd differentiates
+                soft = torch.softmax(block.to(lse.dtype), -1)
+                gx = (soft * -g).scatter_add(-1, idx, g)
+            elif (
+                torch.compiler.is_compiling() or wrapped is None or wrapped(grad) or wrapped(block)
+            ):  # torch.compile, torch.func: out of place
+                soft = torch.exp(block.to(lse.dtype) - lse[..., None])
+                gx = (soft * -g).scatter_add(-1, idx, g)
+            else:  # eager: one (rows, cols, V) allocation, the rest in place
+                soft = block.to(lse.dtype).sub(lse[..., None]).exp_()
+                gx = soft.mul_(-g).scatter_add_(-1, idx, g)
+            return gx.to(block.dtype), None, None
+
+    _TORCH_CHUNK.append(_ChunkLogps)
+    return _ChunkLogps
+
+
 def _torch_logps(
     ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
 ) -> Array:
     """torch: fused ``log_softmax`` + gather per chunk, chunks from ``split``.
 
     ``split`` has one backward node that concatenates the chunks' gradients (slices would each
-    add a zero-padded ``(B, T, V)`` gradient). Each chunk runs under activation checkpointing:
-    the backward recomputes the chunk's log-softmax (one fused pass) instead of keeping it, so
-    nothing of size ``B * T * V`` is held between forward and backward (only views of the
-    logits), except under ``torch.func`` transforms, which do not support checkpointing.
-    ``log_softmax(..., dtype=float32)`` casts bf16/fp16 chunks inside the kernel.
+    add a zero-padded ``(B, T, V)`` gradient). Each chunk is one autograd function: the
+    forward runs the fused ``log_softmax`` kernel (``dtype=float32`` casts bf16/fp16 chunks
+    inside it) and keeps no log-softmax; the backward forms ``onehot - softmax`` from the saved
+    ``logsumexp`` in one pass. Nothing of size ``B * T * V`` is held between forward and
+    backward, only views of the logits.
     """
-
-    import torch
-
-    def pick(block: Array, idx: Array) -> Array:
-        return block.log_softmax(-1, dtype=cdtype).gather(-1, idx)[..., 0]
-
-    # torch.func transforms refuse the saved-tensor hooks of checkpointing: there each chunk's
-    # log-softmax is kept for the backward instead.
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    if not torch.compiler.is_compiling() and wrapped is not None and wrapped(logits):
-        run = pick
-    else:
-        run = partial(ops.checkpoint, pick)
+    chunk = _torch_chunk()
     out_rows = []
     for xb, yb in zip(logits.split(rows, 0), labels.split(rows, 0), strict=True):
         pieces = [
-            run(xc, yc[..., None])
+            chunk.apply(xc, yc[..., None], cdtype)[0]
             for xc, yc in zip(xb.split(cols, 1), yb.split(cols, 1), strict=True)
         ]
         out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
@@ -159,8 +199,8 @@ def token_logps(
     precision: the float32 cast is recomputed in the backward). Per framework:
 
     - torch: chunks of at most :data:`CHUNK_ELEMENTS` logits (``split``), each a fused
-      ``log_softmax`` + gather whose log-softmax is recomputed in the backward; the peak holds
-      one chunk's log-softmax;
+      ``log_softmax`` + gather with a one-pass backward; the peak holds one chunk's
+      log-softmax;
     - JAX under ``jit``/``grad`` and MLX (automatic ``chunk_size``): one ``logsumexp`` and one
       gather over all the logits, which XLA and MLX compute without a ``(B, T, V)`` temporary;
     - NumPy and eager JAX arrays: ``logsumexp`` chunk by chunk.
