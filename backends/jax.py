@@ -2,13 +2,15 @@
 
 Works under ``jit``, ``vmap``, ``grad`` and sharding. The weight is an ordinary (traceable)
 argument, never a ``nondiff_argnums`` entry, and is ``stop_gradient``-ed. Forward mode (``jvp``,
-``jacfwd``) is impossible through a ``custom_vjp``. Importing this module also registers
-:class:`gategrad.Gate` as a pytree, so gate parameters can be traced arrays under ``jit``.
+``jacfwd``) is impossible through a ``custom_vjp``. Importing this module registers
+:class:`gategrad.Gate` as a pytree, so gate parameters can be traced arrays under ``jit``; the
+core registers it by importing this module once JAX is loaded (:func:`gategrad.get_backend`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:
@@ -19,6 +21,7 @@ except ImportError as err:  # pragma: no cover - exercised only without jax
 
 import numpy as np
 
+from gategrad._backend import Array, Backend, DTypeName, check_mode
 from gategrad._gate import NUMERIC_FIELDS, STATIC_FIELDS, Gate
 
 
@@ -61,99 +64,116 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-class JaxOps:
-    """:class:`gategrad._xp.ArrayOps` for ``jax.Array``."""
+class JaxBackend(Backend):
+    """:class:`gategrad._backend.Backend` for ``jax.Array``."""
 
     name = "jax"
+    xp = jnp
+    framework = jax
 
-    def scale_grad(self, x: jax.Array, weight: jax.Array) -> jax.Array:
-        return _scale_grad(x, jax.lax.stop_gradient(weight))
-
-    def stop_gradient(self, x: jax.Array) -> jax.Array:
-        return jax.lax.stop_gradient(x)
-
-    def is_concrete(self, x: jax.Array) -> bool:
-        return not _is_tracer(x)
-
-    def to_numpy(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(x)
-
-    def from_numpy(self, a: np.ndarray, like: jax.Array) -> jax.Array:
-        return jnp.asarray(a)
-
-    def compute_dtype(self, x: jax.Array) -> Any:
-        return jnp.promote_types(x.dtype, jnp.float32)
-
-    def astype(self, x: jax.Array, dtype: Any) -> jax.Array:
-        return jnp.asarray(x).astype(dtype)
-
-    def is_floating(self, x: jax.Array) -> bool:
-        return bool(jnp.issubdtype(x.dtype, jnp.floating))
-
-    def bool_mask(self, mask: jax.Array) -> jax.Array:
-        return mask if mask.dtype == jnp.bool_ else mask != 0
-
-    def exp(self, x: jax.Array) -> jax.Array:
-        return jnp.exp(x)
-
-    def log(self, x: Any) -> jax.Array:
-        return jnp.log(x)
-
-    def sigmoid(self, x: jax.Array) -> jax.Array:
+    def sigmoid(self, x: Array) -> Array:
         return jax.nn.sigmoid(x)
 
-    def where(self, cond: Any, a: Any, b: Any) -> jax.Array:
-        return jnp.where(cond, a, b)
-
-    def minimum(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.minimum(a, b)
-
-    def sum(self, x: jax.Array, axis: int = -1) -> jax.Array:
-        return jnp.sum(x, axis=axis)
-
-    def min(self, x: jax.Array, axis: int = -1) -> jax.Array:
-        return jnp.min(x, axis=axis)
-
-    def sort(self, x: jax.Array, axis: int = -1) -> jax.Array:
-        return jnp.sort(x, axis=axis)
-
-    def take_along_axis(self, x: jax.Array, idx: jax.Array, axis: int = -1) -> jax.Array:
-        return jnp.take_along_axis(x, idx, axis=axis)
-
-    def full_like(self, x: jax.Array, value: float) -> jax.Array:
-        return jnp.full_like(x, value)
-
-    def isnan(self, x: jax.Array) -> jax.Array:
-        return jnp.isnan(x)
-
-    def any(self, x: jax.Array) -> bool:
-        # Inside jit even ops on constants are staged out: no value to check then.
-        result = jnp.any(x)
-        return False if _is_tracer(result) else bool(result)
-
-    def nonzero_rows(self, x: jax.Array) -> list[int]:
-        return [int(i) for i in np.flatnonzero(np.asarray(x))]
-
-    def logsumexp(self, x: jax.Array, axis: int = -1) -> jax.Array:
-        return jax.nn.logsumexp(x, axis=axis)
-
-    def log_sigmoid(self, x: jax.Array) -> jax.Array:
+    def log_sigmoid(self, x: Array) -> Array:
         return jax.nn.log_sigmoid(x)
 
-    def maximum(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.maximum(a, b)
+    def logsumexp(self, x: Array, axis: int = -1) -> Array:
+        return jax.nn.logsumexp(x, axis=axis)
 
-    def mean(self, x: jax.Array, axis: int | None = None) -> jax.Array:
-        return jnp.mean(x, axis=axis)
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        return jax.nn.softmax(x, axis=axis)
 
-    def concatenate(self, xs: list[jax.Array], axis: int = 0) -> jax.Array:
-        return jnp.concatenate(xs, axis=axis)
+    def dtype(self, name: DTypeName) -> Any:
+        return jnp.dtype(bool) if name == "bool_" else jnp.dtype(name)
 
-    def as_index(self, x: jax.Array) -> jax.Array:
-        return x
+    def compute_dtype(self, x: Array) -> Any:
+        return jnp.promote_types(x.dtype, jnp.float32)
 
-    def checkpoint(self, fn: Any, *args: jax.Array) -> jax.Array:
+    def astype(self, x: Array, dtype: Any) -> Array:
+        return jnp.asarray(x).astype(dtype)
+
+    def is_floating(self, x: Array) -> bool:
+        return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+    def scale_grad(self, x: Array, weight: Array) -> Array:
+        return _scale_grad(x, jax.lax.stop_gradient(weight))
+
+    def stop_gradient(self, x: Array) -> Array:
+        return jax.lax.stop_gradient(x)
+
+    def checkpoint(self, fn: Callable[..., Array], *args: Array) -> Array:
         return jax.checkpoint(fn)(*args)
 
+    def is_concrete(self, x: Array) -> bool:
+        # A concrete constant closed over by a traced function still yields traced results:
+        # the checks test the value they inspect, so tracers are never inspected.
+        return not _is_tracer(x)
 
-ops = JaxOps()
+    def to_numpy(self, x: Array) -> Any:
+        if x.dtype == jnp.bfloat16:
+            x = x.astype(jnp.float32)
+        return np.asarray(x)
+
+    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+        a = np.asarray(a)
+        if dtype is not None and np.issubdtype(a.dtype, np.floating):
+            if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+                raise RuntimeError(
+                    "float64 JAX arrays need jax.config.update('jax_enable_x64', True) first"
+                )
+            return jnp.asarray(a.astype(np.float64), dtype=jnp.dtype(dtype))
+        return jnp.asarray(a)
+
+    def token_logps(
+        self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
+    ) -> Array:
+        """Under ``jit``/``grad``, one ``logsumexp`` that XLA reduces without a ``(B, T, V)``
+        temporary (slices would add a zero-padded gradient per chunk); eager arrays and an
+        explicit ``chunk_size`` take the chunked slices."""
+        from gategrad._logps import chunked_logps, fused_logps
+
+        if explicit or self.is_concrete(logits):
+            return chunked_logps(self, logits, labels, cdtype, *chunk)
+        return fused_logps(self, logits, labels, cdtype)
+
+    # --- tooling ----------------------------------------------------------------------------
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return jax.jit(fn)
+
+    def value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        vg = jax.value_and_grad(fn, argnums=tuple(argnums))
+        value, grads = (self.compile(vg) if mode == "compiled" else vg)(*args)
+        return value, tuple(grads)
+
+    def vmap_value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        batched: Sequence[int] = (),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        axes = [0 if i in batched else None for i in range(len(args))]
+        run = jax.vmap(jax.value_and_grad(fn, argnums=tuple(argnums)), in_axes=axes)
+        value, grads = (self.compile(run) if mode == "compiled" else run)(*args)
+        return value, tuple(grads)
+
+    def vjp(
+        self, fn: Callable[[Any], Array], primal: Any
+    ) -> tuple[Array, Callable[[Array], Any]]:
+        out, pullback = jax.vjp(fn, primal)
+        return out, lambda cot: pullback(cot)[0]
+
+    def tree_map(self, fn: Callable[..., Array], *trees: dict[str, Array]) -> dict[str, Array]:
+        return jax.tree_util.tree_map(fn, *trees)  # type: ignore[no-any-return]
+
+
+backend = JaxBackend()

@@ -8,6 +8,8 @@ on the CPU only; on Metal use float32 or bfloat16.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 try:
@@ -19,6 +21,8 @@ except ImportError as err:  # pragma: no cover - exercised only without mlx
     ) from err
 
 import numpy as np
+
+from gategrad._backend import Array, Backend, DTypeName, check_mode
 
 
 @mx.custom_function
@@ -38,109 +42,149 @@ def _scale_grad_vjp(
     return grad, mx.zeros_like(weight)
 
 
-_NP_DTYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.float64: np.float64}
+#: The message of the error MLX raises when an array is evaluated while it is being traced.
+_TRACING = "function transformations"
 
 
-class MlxOps:
-    """:class:`gategrad._xp.ArrayOps` for ``mlx.core.array``."""
+class MlxBackend(Backend):
+    """:class:`gategrad._backend.Backend` for ``mlx.core.array``."""
 
     name = "mlx"
+    xp = mx
+    framework = mx
 
-    def scale_grad(self, x: mx.array, weight: mx.array) -> mx.array:
-        return _scale_grad(x, mx.stop_gradient(weight))  # type: ignore[return-value]
+    def sigmoid(self, x: Array) -> Array:
+        return mx.sigmoid(x)
 
-    def stop_gradient(self, x: mx.array) -> mx.array:
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        return mx.softmax(x, axis=axis, precise=True)
+
+    def sum(self, x: Array, axis: int | None = -1, keepdims: bool = False) -> Array:
+        return mx.sum(x, keepdims=keepdims) if axis is None else mx.sum(x, axis, keepdims)
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return mx.mean(x, keepdims=keepdims) if axis is None else mx.mean(x, axis, keepdims)
+
+    def any(self, x: Array) -> bool:
+        return bool(mx.any(x).item())
+
+    def full_like(self, x: Array, value: float) -> Array:
+        return mx.full(x.shape, value, dtype=x.dtype)
+
+    def tril_mask(self, n: int, like: Array) -> Array:
+        return mx.tril(mx.ones((n, n), dtype=mx.bool_))
+
+    def dtype(self, name: DTypeName) -> Any:
+        return getattr(mx, name)
+
+    def is_floating(self, x: Array) -> bool:
+        return bool(mx.issubdtype(x.dtype, mx.floating))
+
+    def scale_grad(self, x: Array, weight: Array) -> Array:
+        return _scale_grad(x, mx.stop_gradient(weight))
+
+    def stop_gradient(self, x: Array) -> Array:
         return mx.stop_gradient(x)
 
-    def is_concrete(self, x: mx.array) -> bool:
-        # MLX cannot tell whether it is tracing; value checks catch the error it raises then.
+    def checkpoint(self, fn: Callable[..., Array], *args: Array) -> Array:
+        return mx.checkpoint(fn)(*args)
+
+    def is_concrete(self, x: Array) -> bool:
+        """MLX cannot say whether it is tracing; evaluating ``x`` can. Under ``mx.compile`` and
+        ``mx.vmap`` it raises a ``ValueError`` about function transformations: only that error
+        means "not concrete", anything else propagates."""
+        try:
+            mx.eval(x)
+        except ValueError as err:
+            if _TRACING in str(err):
+                return False
+            raise
         return True
 
-    def to_numpy(self, x: mx.array) -> np.ndarray:
+    def to_numpy(self, x: Array) -> Any:
         if x.dtype == mx.bfloat16:
             x = x.astype(mx.float32)
         return np.array(x)
 
-    def from_numpy(self, a: np.ndarray, like: mx.array) -> mx.array:
-        if a.dtype == np.float64:
-            dtype = mx.float64 if like.dtype == mx.float64 else mx.float32
-            return mx.array(a.astype(np.float32) if dtype == mx.float32 else a, dtype=dtype)
-        return mx.array(a)
+    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+        # mx.array(float64 ndarray) silently becomes float32 unless the dtype is explicit
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.floating):
+            return mx.array(a)
+        if dtype is None:
+            keep64 = a.dtype == np.float64 and (like is None or like.dtype == mx.float64)
+            dtype = "float64" if keep64 else "float32"
+        if dtype == "float64":
+            return mx.array(a.astype(np.float64), dtype=mx.float64)
+        return mx.array(a.astype(np.float32)).astype(getattr(mx, dtype))
 
-    def compute_dtype(self, x: mx.array) -> Any:
-        return mx.float64 if x.dtype == mx.float64 else mx.float32
+    def token_logps(
+        self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
+    ) -> Array:
+        """One fused ``logsumexp`` over all the logits (MLX reduces it without a ``(B, T, V)``
+        temporary); chunked slices only for an explicit ``chunk_size``."""
+        from gategrad._logps import chunked_logps, fused_logps
 
-    def astype(self, x: mx.array, dtype: Any) -> mx.array:
-        return x.astype(dtype)
+        if explicit:
+            return chunked_logps(self, logits, labels, cdtype, *chunk)
+        return fused_logps(self, logits, labels, cdtype)
 
-    def is_floating(self, x: mx.array) -> bool:
-        return bool(mx.issubdtype(x.dtype, mx.floating))
+    # --- tooling ----------------------------------------------------------------------------
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return mx.compile(fn)
 
-    def bool_mask(self, mask: mx.array) -> mx.array:
-        return mask if mask.dtype == mx.bool_ else mask != 0
+    def value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        vg = mx.value_and_grad(fn, argnums=list(argnums))
+        value, grads = (self.compile(vg) if mode == "compiled" else vg)(*args)
+        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
+        mx.eval(value, *grads)
+        return value, tuple(grads)
 
-    def exp(self, x: mx.array) -> mx.array:
-        return mx.exp(x)
+    def vmap_value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        batched: Sequence[int] = (),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        axes = tuple(0 if i in batched else None for i in range(len(args)))
+        run = mx.vmap(mx.value_and_grad(fn, argnums=list(argnums)), in_axes=axes)
+        value, grads = (self.compile(run) if mode == "compiled" else run)(*args)
+        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
+        mx.eval(value, *grads)
+        return value, tuple(grads)
 
-    def log(self, x: Any) -> mx.array:
-        return mx.log(x)
+    def vjp(
+        self, fn: Callable[[Any], Array], primal: Any
+    ) -> tuple[Array, Callable[[Array], Any]]:
+        out = fn(primal)
 
-    def sigmoid(self, x: mx.array) -> mx.array:
-        return mx.sigmoid(x)
+        def pullback(cot: Array) -> Any:
+            _, (grads,) = mx.vjp(lambda p: fn(p), [primal], [cot])
+            return grads
 
-    def where(self, cond: Any, a: Any, b: Any) -> mx.array:
-        return mx.where(cond, a, b)
+        return out, pullback
 
-    def minimum(self, a: mx.array, b: mx.array) -> mx.array:
-        return mx.minimum(a, b)
+    def evaluate(self, *arrays: Any) -> None:
+        mx.eval(*arrays)
 
-    def sum(self, x: mx.array, axis: int = -1) -> mx.array:
-        return mx.sum(x, axis=axis)
-
-    def min(self, x: mx.array, axis: int = -1) -> mx.array:
-        return mx.min(x, axis=axis)
-
-    def sort(self, x: mx.array, axis: int = -1) -> mx.array:
-        return mx.sort(x, axis=axis)
-
-    def take_along_axis(self, x: mx.array, idx: mx.array, axis: int = -1) -> mx.array:
-        return mx.take_along_axis(x, idx, axis=axis)
-
-    def full_like(self, x: mx.array, value: float) -> mx.array:
-        return mx.full(x.shape, value, dtype=x.dtype)
-
-    def isnan(self, x: mx.array) -> mx.array:
-        return mx.isnan(x)
-
-    def any(self, x: mx.array) -> bool:
-        try:
-            return bool(mx.any(x).item())
-        except (RuntimeError, ValueError):  # tracing (mx.compile / vmap): values unavailable
-            return False
-
-    def nonzero_rows(self, x: mx.array) -> list[int]:
-        return [int(i) for i in np.flatnonzero(np.array(x))]
-
-    def logsumexp(self, x: mx.array, axis: int = -1) -> mx.array:
-        return mx.logsumexp(x, axis=axis)
-
-    def log_sigmoid(self, x: mx.array) -> mx.array:
-        return -mx.logaddexp(mx.zeros_like(x), -x)
-
-    def maximum(self, a: mx.array, b: mx.array) -> mx.array:
-        return mx.maximum(a, b)
-
-    def mean(self, x: mx.array, axis: int | None = None) -> mx.array:
-        return mx.mean(x) if axis is None else mx.mean(x, axis=axis)
-
-    def concatenate(self, xs: list[mx.array], axis: int = 0) -> mx.array:
-        return mx.concatenate(list(xs), axis=axis)
-
-    def as_index(self, x: mx.array) -> mx.array:
-        return x
-
-    def checkpoint(self, fn: Any, *args: mx.array) -> mx.array:
-        return mx.checkpoint(fn)(*args)
+    @contextlib.contextmanager
+    def device_scope(self, dtype: DTypeName) -> Iterator[None]:
+        """MLX float64 exists on the CPU only: run it on the CPU stream."""
+        if dtype == "float64":
+            with mx.stream(mx.cpu):
+                yield
+        else:
+            yield
 
 
-ops = MlxOps()
+backend = MlxBackend()

@@ -1,141 +1,106 @@
-"""NumPy reference backend: the identity forward and an explicit VJP oracle.
+"""NumPy reference backend: the identity forward, no autograd.
 
-NumPy has no autograd, so ``scale_grad`` is the identity and :func:`vjp` states the backward
-rule explicitly: ``vjp(x, v) = g(stop_gradient(stat(x))) * v``. Tests use it as the oracle.
+NumPy has no autograd, so ``scale_grad`` is the identity; the backward rule it stands for is
+stated by :func:`gategrad.gate_rejected_vjp` (the tests' oracle). Overrides only what
+differs from :class:`gategrad._backend.Backend`: warnings silenced where ``-inf`` and
+underflow are expected values, and the functions NumPy lacks (``sigmoid``, ``logsumexp``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
-from gategrad._core import broadcast_weight, gate_weights
-from gategrad._gate import Gate
+from gategrad._backend import Array, Backend, DTypeName
 
 
-class NumpyOps:
-    """:class:`gategrad._xp.ArrayOps` for ``numpy.ndarray``."""
+class NumpyBackend(Backend):
+    """:class:`gategrad._backend.Backend` for ``numpy.ndarray``."""
 
     name = "numpy"
+    xp = np
+    framework = np
 
-    def scale_grad(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x
-
-    def stop_gradient(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def is_concrete(self, x: np.ndarray) -> bool:
-        return True
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
-
-    def from_numpy(self, a: np.ndarray, like: Any) -> np.ndarray:
-        return a
-
-    def compute_dtype(self, x: np.ndarray) -> np.dtype:
-        return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
-
-    def astype(self, x: np.ndarray, dtype: Any) -> np.ndarray:
-        return np.asarray(x).astype(dtype, copy=False)
-
-    def is_floating(self, x: np.ndarray) -> bool:
-        return bool(np.issubdtype(x.dtype, np.floating))
-
-    def bool_mask(self, mask: np.ndarray) -> np.ndarray:
-        return np.asarray(mask) != 0
-
-    def exp(self, x: np.ndarray) -> np.ndarray:
+    def exp(self, x: Array) -> Array:
         with np.errstate(over="ignore", under="ignore"):
             return np.exp(x)
 
-    def log(self, x: np.ndarray) -> np.ndarray:
+    def log(self, x: Array) -> Array:
         with np.errstate(divide="ignore"):
             return np.log(x)
 
-    def sigmoid(self, x: np.ndarray) -> np.ndarray:
+    def sigmoid(self, x: Array) -> Array:
         with np.errstate(over="ignore", under="ignore"):
             return 1.0 / (1.0 + np.exp(-x))
 
-    def where(self, cond: Any, a: Any, b: Any) -> np.ndarray:
-        return np.where(cond, a, b)
+    def log_sigmoid(self, x: Array) -> Array:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return -np.logaddexp(0.0, -x)
 
-    def minimum(self, a: Any, b: Any) -> np.ndarray:
-        return np.minimum(a, b)
-
-    def sum(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.sum(x, axis=axis)
-
-    def min(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.min(x, axis=axis)
-
-    def sort(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.sort(x, axis=axis)
-
-    def take_along_axis(self, x: np.ndarray, idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.take_along_axis(x, idx, axis=axis)
-
-    def full_like(self, x: np.ndarray, value: float) -> np.ndarray:
-        return np.full_like(x, value)
-
-    def isnan(self, x: np.ndarray) -> np.ndarray:
-        return np.isnan(x)
-
-    def any(self, x: np.ndarray) -> bool:
-        return bool(np.any(x))
-
-    def nonzero_rows(self, x: np.ndarray) -> list[int]:
-        return [int(i) for i in np.flatnonzero(x)]
-
-    def logsumexp(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+    def logsumexp(self, x: Array, axis: int = -1) -> Array:
         m = np.max(x, axis=axis, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
         with np.errstate(divide="ignore", under="ignore"):
             out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
         return np.squeeze(out, axis=axis)
 
-    def log_sigmoid(self, x: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore", over="ignore"):
-            return -np.logaddexp(0.0, -x)
+    def dtype(self, name: DTypeName) -> Any:
+        if name == "bfloat16":
+            raise ValueError("NumPy has no bfloat16")
+        return np.dtype(bool) if name == "bool_" else np.dtype(name)
 
-    def maximum(self, a: Any, b: Any) -> np.ndarray:
-        return np.maximum(a, b)
+    def astype(self, x: Array, dtype: Any) -> Array:
+        return np.asarray(x).astype(dtype, copy=False)
 
-    def mean(self, x: np.ndarray, axis: int | None = None) -> np.ndarray:
-        return np.mean(x, axis=axis)
+    def is_floating(self, x: Array) -> bool:
+        return bool(np.issubdtype(np.asarray(x).dtype, np.floating))
 
-    def concatenate(self, xs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
+    def bool_mask(self, mask: Array) -> Array:
+        return np.asarray(mask) != 0
 
-    def as_index(self, x: np.ndarray) -> np.ndarray:
+    def as_index(self, x: Array) -> Array:
         return np.asarray(x)
 
-    def checkpoint(self, fn: Any, *args: np.ndarray) -> np.ndarray:
-        return fn(*args)
+    def scale_grad(self, x: Array, weight: Array) -> Array:
+        return x
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x
+
+    def is_concrete(self, x: Array) -> bool:
+        return True
+
+    def to_numpy(self, x: Array) -> Any:
+        return np.asarray(x)
+
+    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+        a = np.asarray(a)
+        if dtype is not None and np.issubdtype(a.dtype, np.floating):
+            return a.astype(self.dtype(dtype))
+        return a
 
 
-ops = NumpyOps()
+backend = NumpyBackend()
 
 
-def scale_grad_vjp(cotangent: np.ndarray, weight: Any) -> np.ndarray:
-    """The backward of ``scale_grad``: ``v * w`` in ``promote_types(v.dtype, float32)``, cast."""
+def __getattr__(name: str) -> Any:
+    """``vjp`` and ``scale_grad_vjp`` moved to the core; the old names warn and forward."""
+    if name in ("vjp", "scale_grad_vjp"):
+        warnings.warn(
+            f"gategrad.backends.numpy.{name} is deprecated; use gategrad.gate_rejected_vjp",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from gategrad._core import gate_rejected_vjp
+
+        return gate_rejected_vjp if name == "vjp" else _scale_grad_vjp
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _scale_grad_vjp(cotangent: Any, weight: Any) -> Any:
+    """``v * w`` in ``promote_types(v.dtype, float32)``, cast back (the old oracle)."""
     v = np.asarray(cotangent)
-    dtype = ops.compute_dtype(v)
+    dtype = backend.compute_dtype(v)
     return (v.astype(dtype) * np.asarray(weight, dtype=dtype)).astype(v.dtype)
-
-
-def vjp(
-    rejected_logps: np.ndarray,
-    cotangent: np.ndarray,
-    gate: Gate,
-    mask: np.ndarray | None = None,
-    *,
-    lengths: Any = None,
-) -> np.ndarray:
-    """Reference VJP of :func:`gategrad.gate_rejected`: the cotangent scaled by ``g``.
-
-    Shapes as in ``gate_rejected``; ``cotangent`` has the shape of ``rejected_logps``.
-    """
-    stats = gate_weights(rejected_logps, gate, mask, lengths=lengths)
-    return scale_grad_vjp(cotangent, broadcast_weight(ops, rejected_logps, stats))

@@ -1,13 +1,18 @@
-"""PyTorch backend: a new-style ``autograd.Function`` whose backward scales the cotangent.
+"""PyTorch backend: the custom-gradient primitive, the token-log-prob kernel and the tooling.
 
-Works in eager mode, under ``torch.compile`` (``fullgraph=True``), ``torch.func.grad`` / ``vmap``
+``scale_grad`` is a new-style ``autograd.Function`` whose backward scales the cotangent. It works
+in eager mode, under ``torch.compile`` (``fullgraph=True``), ``torch.func.grad`` / ``vmap``
 (``generate_vmap_rule``) and activation checkpointing, for float16/bfloat16/float32/float64.
-The weight is computed in the forward (stop-gradient) and saved; backward is
+The weight is computed in the forward (stop-gradient) and saved; the backward is
 ``grad_x = (grad_out.to(w.dtype) * w).to(grad_out.dtype)``.
+
+Both autograd Functions are defined at import time (never inside a compiled region, where
+dynamo cannot build a class).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:
@@ -18,6 +23,14 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
     ) from err
 
 import numpy as np
+
+from gategrad._backend import Array, Backend, DTypeName, check_mode
+
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def _is_functorch_wrapped(*xs: torch.Tensor) -> bool:
+    return _functorch_wrapped is not None and any(bool(_functorch_wrapped(x)) for x in xs)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -39,111 +52,230 @@ class _ScaleGrad(torch.autograd.Function):
         return (grad.to(weight.dtype) * weight).to(grad.dtype), None
 
 
-def _is_functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
+class _ChunkLogps(torch.autograd.Function):
+    """``(log_softmax(block)[idx], logsumexp(block))`` in ``dtype``; differentiable in the first
+    output only. Saves ``block`` (a view of the logits), ``idx`` and the ``logsumexp``
+    ``(rows, cols)``: nothing of size ``B * T * V``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(block: Any, idx: Any, dtype: Any) -> Any:  # type: ignore[override]
+        out = block.log_softmax(-1, dtype=dtype).gather(-1, idx)[..., 0]
+        return out, block.gather(-1, idx)[..., 0].to(dtype) - out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        block, idx, _ = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(block, idx, lse)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:  # type: ignore[override]
+        # d out / d block = onehot(idx) - softmax(block)
+        block, idx, lse = ctx.saved_tensors
+        g = grad[..., None]
+        if torch.is_grad_enabled():  # create_graph: a formula autograd differentiates
+            soft = torch.softmax(block.to(lse.dtype), -1)
+            gx = (soft * -g).scatter_add(-1, idx, g)
+        elif torch.compiler.is_compiling() or _is_functorch_wrapped(grad, block):
+            soft = torch.exp(block.to(lse.dtype) - lse[..., None])  # out of place
+            gx = (soft * -g).scatter_add(-1, idx, g)
+        else:  # eager: one (rows, cols, V) allocation, the rest in place
+            soft = block.to(lse.dtype).sub(lse[..., None]).exp_()
+            gx = soft.mul_(-g).scatter_add_(-1, idx, g)
+        return gx.to(block.dtype), None, None
 
 
-class TorchOps:
-    """:class:`gategrad._xp.ArrayOps` for ``torch.Tensor``."""
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bool_": torch.bool,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+
+class TorchBackend(Backend):
+    """:class:`gategrad._backend.Backend` for ``torch.Tensor``."""
 
     name = "torch"
+    xp = torch
+    framework = torch
 
-    def scale_grad(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _ScaleGrad.apply(x, weight.detach())
-
-    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
-        return x.detach()
-
-    def is_concrete(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or x.device.type == "meta":
-            return False
-        return not _is_functorch_wrapped(x)
-
-    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            x = x.float()
-        return x.cpu().numpy()
-
-    def from_numpy(self, a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
-
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return torch.promote_types(x.dtype, torch.float32)
-
-    def astype(self, x: torch.Tensor, dtype: Any) -> torch.Tensor:
-        return x.to(dtype)
-
-    def is_floating(self, x: torch.Tensor) -> bool:
-        return bool(x.is_floating_point())
-
-    def bool_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask if mask.dtype == torch.bool else mask != 0
-
-    def exp(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(x)
-
-    def log(self, x: Any) -> torch.Tensor:
-        return torch.log(x)
-
-    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+    def sigmoid(self, x: Array) -> Array:
         return torch.sigmoid(x)
 
-    def where(self, cond: Any, a: Any, b: Any) -> torch.Tensor:
-        return torch.where(cond, a, b)
-
-    def minimum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(a, b)
-
-    def sum(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return torch.sum(x, dim=axis)
-
-    def min(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return torch.amin(x, dim=axis)
-
-    def sort(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return torch.sort(x, dim=axis).values
-
-    def take_along_axis(self, x: torch.Tensor, idx: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return torch.take_along_dim(x, idx, dim=axis)
-
-    def full_like(self, x: torch.Tensor, value: float) -> torch.Tensor:
-        return torch.full_like(x, value)
-
-    def isnan(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.isnan(x)
-
-    def any(self, x: torch.Tensor) -> bool:
-        return bool(torch.any(x))
-
-    def nonzero_rows(self, x: torch.Tensor) -> list[int]:
-        return [int(i) for i in torch.nonzero(x.reshape(-1)).reshape(-1).tolist()]
-
-    def logsumexp(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return torch.logsumexp(x, dim=axis)
-
-    def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+    def log_sigmoid(self, x: Array) -> Array:
         return torch.nn.functional.logsigmoid(x)
 
-    def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(a, b)
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        return torch.softmax(x, dim=axis)
 
-    def mean(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-        return torch.mean(x) if axis is None else torch.mean(x, dim=axis)
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        return torch.clamp(a, max=b) if isinstance(b, (int, float)) else torch.minimum(a, b)
 
-    def concatenate(self, xs: list[torch.Tensor], axis: int = 0) -> torch.Tensor:
-        return torch.cat(list(xs), dim=axis)
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        return torch.clamp(a, min=b) if isinstance(b, (int, float)) else torch.maximum(a, b)
 
-    def as_index(self, x: torch.Tensor) -> torch.Tensor:
+    def min(self, x: Array, axis: int = -1) -> Array:
+        return torch.amin(x, dim=axis)
+
+    def max(self, x: Array, axis: int = -1) -> Array:
+        return torch.amax(x, dim=axis)
+
+    def sort(self, x: Array, axis: int = -1) -> Array:
+        return torch.sort(x, dim=axis).values
+
+    def take(self, x: Array, idx: Array, axis: int = 0) -> Array:
+        return torch.index_select(x, axis, idx.reshape(-1)).reshape(
+            (*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
+        )
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int = -1) -> Array:
+        return torch.take_along_dim(x, idx, dim=axis)
+
+    def permute_dims(self, x: Array, axes: tuple[int, ...]) -> Array:
+        return x.permute(axes)
+
+    def tril_mask(self, n: int, like: Array) -> Array:
+        return torch.ones(n, n, dtype=torch.bool, device=like.device).tril()
+
+    def dtype(self, name: DTypeName) -> Any:
+        return _DTYPES[name]
+
+    def compute_dtype(self, x: Array) -> Any:
+        return torch.promote_types(x.dtype, torch.float32)
+
+    def astype(self, x: Array, dtype: Any) -> Array:
+        return x.to(dtype)
+
+    def is_floating(self, x: Array) -> bool:
+        return bool(x.is_floating_point())
+
+    def as_index(self, x: Array) -> Array:
         return x if x.dtype == torch.int64 else x.to(torch.int64)
 
-    def checkpoint(self, fn: Any, *args: torch.Tensor) -> torch.Tensor:
+    def scale_grad(self, x: Array, weight: Array) -> Array:
+        return _ScaleGrad.apply(x, weight.detach())
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x.detach()
+
+    def checkpoint(self, fn: Callable[..., Array], *args: Array) -> Array:
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def is_concrete(self, x: Array) -> bool:
+        if torch.compiler.is_compiling() or x.device.type == "meta":
+            return False
+        return not _is_functorch_wrapped(x)
 
-ops = TorchOps()
+    def nonzero_rows(self, x: Array) -> list[int]:
+        return [int(i) for i in torch.nonzero(x.reshape(-1)).reshape(-1).tolist()]
+
+    def to_numpy(self, x: Array) -> Any:
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+
+    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+        a = np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if dtype is not None and np.issubdtype(a.dtype, np.floating):
+            t = t.to(_DTYPES[dtype])
+        return t if like is None else t.to(like.device)
+
+    def token_logps(
+        self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
+    ) -> Array:
+        """Fused ``log_softmax`` + gather per chunk, chunks from ``split``.
+
+        ``split`` has one backward node that concatenates the chunks' gradients (slices would each
+        add a zero-padded ``(B, T, V)`` gradient). Each chunk is one autograd function: the forward
+        runs the fused ``log_softmax`` kernel (``dtype=float32`` casts bf16/fp16 chunks inside it)
+        and keeps no log-softmax; the backward forms ``onehot - softmax`` from the saved
+        ``logsumexp`` in one pass.
+        """
+        rows, cols = chunk
+        out_rows = []
+        for xb, yb in zip(logits.split(rows, 0), labels.split(rows, 0), strict=True):
+            pieces = [
+                _ChunkLogps.apply(xc, yc[..., None], cdtype)[0]
+                for xc, yc in zip(xb.split(cols, 1), yb.split(cols, 1), strict=True)
+            ]
+            out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+        return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+
+    # --- tooling ----------------------------------------------------------------------------
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        # Every call compiles afresh: tests build new closures per example, which would
+        # otherwise pile up recompilations of one code object past dynamo's limit.
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        argnums = tuple(argnums)
+        run = self.compile(fn) if mode == "compiled" else fn
+        args = [
+            a.detach().clone().requires_grad_(True) if i in argnums else a
+            for i, a in enumerate(args)
+        ]
+        value = run(*args)
+        grads = torch.autograd.grad(value, [args[i] for i in argnums], allow_unused=True)
+        return value.detach(), tuple(
+            torch.zeros_like(args[i]) if g is None else g
+            for i, g in zip(argnums, grads, strict=True)
+        )
+
+    def vmap_value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        batched: Sequence[int] = (),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        check_mode(mode)
+        axes = tuple(0 if i in batched else None for i in range(len(args)))
+        run = torch.func.vmap(torch.func.grad_and_value(fn, argnums=tuple(argnums)), in_dims=axes)
+        grads, value = (self.compile(run) if mode == "compiled" else run)(*args)
+        return value, tuple(grads)
+
+    def vjp(
+        self, fn: Callable[[Any], Array], primal: Any
+    ) -> tuple[Array, Callable[[Array], Any]]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in primal.items()}
+        out = fn(leaves)
+
+        def pullback(cot: Array) -> Any:
+            grads = torch.autograd.grad(out, list(leaves.values()), cot, allow_unused=True)
+            return {
+                k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(leaves.items(), grads, strict=True)
+            }
+
+        return out.detach(), pullback
+
+    def set_threads(self, n: int) -> int:
+        old = torch.get_num_threads()
+        if n > 0:
+            torch.set_num_threads(n)
+        return old
+
+
+backend = TorchBackend()

@@ -7,7 +7,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ._core import _require_gate, gate_rejected
+from ._core import gate_rejected
+from ._validate import require_gate
 from ._gate import Gate
 
 __all__ = ["attach"]
@@ -115,7 +116,7 @@ def attach(
     """
     if not callable(loss_fn):
         raise TypeError(f"attach: loss_fn must be callable, got {type(loss_fn).__name__}")
-    gate = _require_gate(gate)
+    gate = require_gate(gate)
     existing = _attached_gate(loss_fn)
     if existing is not None:
         raise ValueError(

@@ -9,30 +9,23 @@ Semantics (first order only):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from . import _math
-from ._dispatch import common_framework, get_ops
+from . import _validate as check
+from ._backend import Array, Backend, backend_for
 from ._gate import Gate
-from ._xp import Array, ArrayOps
 
-__all__ = ["GateStats", "gate_rejected", "gate_weights", "scale_grad", "value_checks"]
-
-_CHECKS = {"enabled": os.environ.get("GATEGRAD_CHECKS", "1") != "0"}
-
-
-def value_checks(enabled: bool | None = None) -> bool:
-    """Get (and optionally set) whether eager value checks run (NaN, empty mask rows).
-
-    Checks cost one reduction and, on an accelerator, one device sync per call. They never run
-    under tracing (``jax.jit``, ``torch.compile``, ``mx.compile``, ``vmap``). The environment
-    variable ``GATEGRAD_CHECKS=0`` turns them off at import.
-    """
-    if enabled is not None:
-        _CHECKS["enabled"] = bool(enabled)
-    return _CHECKS["enabled"]
+__all__ = [
+    "GateStats",
+    "gate_rejected",
+    "gate_rejected_vjp",
+    "gate_value",
+    "gate_weights",
+    "masked_quantile",
+    "scale_grad",
+]
 
 
 @dataclass(frozen=True)
@@ -49,55 +42,20 @@ class GateStats:
     mask: Array | None
 
 
-def _require_gate(gate: Any) -> Gate:
-    if not isinstance(gate, Gate):
-        raise TypeError(f"gate must be a gategrad.Gate, got {type(gate).__name__}")
-    return gate
-
-
-def _rows(ops: ArrayOps, bad: Array) -> str:
-    rows = ops.nonzero_rows(bad)
-    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
-    return f"row{'s' if len(rows) > 1 else ''} {shown}"
-
-
-def _eager(ops: ArrayOps, x: Array) -> bool:
-    return _CHECKS["enabled"] and ops.is_concrete(x)
-
-
-def _check_values(ops: ArrayOps, x: Array, name: str) -> None:
-    """NaN or +inf in log-probs raise ``ValueError`` naming the rows (eager mode only)."""
-    if not _eager(ops, x):
-        return
-    bad = ops.isnan(x) | (x == float("inf"))
-    if ops.any(bad):
-        per_row = bad if bad.ndim == 1 else ops.sum(ops.astype(bad, x.dtype), axis=-1) > 0
-        raise ValueError(
-            f"{name} holds NaN or +inf at {_rows(ops, per_row)}; log-probs must be finite "
-            "or -inf: check the model's logits and the loss upstream"
-        )
-
-
-def _prepare_mask(ops: ArrayOps, x: Array, mask: Array | None) -> Array:
+def _prepare_mask(backend: Backend, x: Array, mask: Array | None) -> Array:
     if mask is None:
-        return ops.bool_mask(ops.full_like(x, 1.0))
+        return backend.bool_mask(backend.full_like(x, 1.0))
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)} but rejected_logps has shape "
             f"{tuple(x.shape)}; they must match (B, T)"
         )
-    maskb = ops.bool_mask(mask)
-    if _eager(ops, maskb):
-        empty = ops.sum(ops.astype(maskb, x.dtype), axis=-1) == 0
-        if ops.any(empty):
-            raise ValueError(
-                f"mask is all zero in {_rows(ops, empty)}; every response needs at least one "
-                "token (drop empty responses from the batch)"
-            )
+    maskb = backend.bool_mask(mask)
+    check.check_mask_rows(backend, maskb, "mask")
     return maskb
 
 
-def _prepare_lengths(ops: ArrayOps, x: Array, lengths: Any) -> Array:
+def _prepare_lengths(backend: Backend, x: Array, lengths: Any) -> Array:
     if lengths is None:
         raise ValueError(
             "per-sequence rejected_logps of shape (B,) need lengths= (the token count of each "
@@ -105,20 +63,14 @@ def _prepare_lengths(ops: ArrayOps, x: Array, lengths: Any) -> Array:
             "with mask="
         )
     if isinstance(lengths, (int, float)):
-        lengths = ops.full_like(x, float(lengths))
+        lengths = backend.full_like(x, float(lengths))
     if tuple(lengths.shape) != tuple(x.shape):
         raise ValueError(
             f"lengths has shape {tuple(lengths.shape)} but rejected_logps has shape "
             f"{tuple(x.shape)}; they must match (B,)"
         )
-    lengths = ops.astype(lengths, ops.compute_dtype(x))
-    if _eager(ops, lengths):
-        bad = ~(lengths > 0)
-        if ops.any(bad):
-            raise ValueError(
-                f"lengths must be > 0, but {_rows(ops, bad)} have no tokens; drop zero-length "
-                "responses from the batch"
-            )
+    lengths = backend.astype(lengths, backend.compute_dtype(x))
+    check.check_counts(backend, lengths, "lengths")
     return lengths
 
 
@@ -136,13 +88,11 @@ def gate_weights(
     log-probs need ``lengths`` ``(B,)`` and use ``log p = logp / lengths`` (the ``seq``
     estimator; other estimators need per-token input).
     """
-    gate = _require_gate(gate)
-    name = common_framework(rejected_logps=rejected_logps, mask=mask, lengths=lengths)
-    ops = get_ops(name)
+    gate = check.require_gate(gate)
+    ops = backend_for(rejected_logps=rejected_logps, mask=mask, lengths=lengths)
     x = rejected_logps
-    if not ops.is_floating(x):
-        raise TypeError(f"rejected_logps must be a floating-point array, got dtype {x.dtype}")
-    _check_values(ops, x, "rejected_logps")
+    check.require_floating(ops, x, "rejected_logps")
+    check.check_log_probs(ops, x, "rejected_logps")
     xs = ops.astype(ops.stop_gradient(x), ops.compute_dtype(x))
     if x.ndim == 2:
         maskb = _prepare_mask(ops, x, mask)
@@ -174,14 +124,14 @@ def gate_weights(
     return GateStats(_math.gate_value(gate, logp, ops), ops.exp(logp), None)
 
 
-def broadcast_weight(ops: ArrayOps, x: Array, stats: GateStats) -> Array:
+def broadcast_weight(ops: Backend, x: Array, stats: GateStats) -> Array:
     """The gate weight shaped to scale ``x``'s cotangent: ``(B, 1)``, ``(B,)`` or ``(B, T)``.
 
     Token granularity: positions outside the mask get weight 1 (they pass unscaled).
     """
     weight = stats.weight
     if stats.mask is not None:
-        return ops.where(stats.mask, weight, ops.full_like(weight, 1.0))
+        return ops.where(stats.mask, weight, 1.0)
     return weight[:, None] if x.ndim == 2 else weight
 
 
@@ -202,7 +152,7 @@ def gate_rejected(
     With ``return_stats=True`` returns ``(gated, GateStats)``.
     """
     stats = gate_weights(rejected_logps, gate, mask, lengths=lengths)
-    ops = get_ops(common_framework(rejected_logps=rejected_logps))
+    ops = backend_for(rejected_logps=rejected_logps)
     out = ops.scale_grad(rejected_logps, broadcast_weight(ops, rejected_logps, stats))
     return (out, stats) if return_stats else out
 
@@ -212,25 +162,54 @@ def scale_grad(x: Array, weight: Array | float) -> Array:
 
     ``weight`` must broadcast against ``x``. It is used in ``promote_types(x.dtype, float32)``.
     """
-    ops = get_ops(common_framework(x=x, weight=weight))
-    if not ops.is_floating(x):
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+    ops = backend_for(x=x, weight=weight)
+    check.require_floating(ops, x, "x")
     dtype = ops.compute_dtype(x)
     w = (
         ops.full_like(ops.astype(x, dtype), float(weight))
         if isinstance(weight, (int, float))
         else ops.astype(ops.stop_gradient(weight), dtype)
     )
-    try:
-        _broadcast_shape(tuple(w.shape), tuple(x.shape))
-    except ValueError as err:
-        raise ValueError(f"weight {err}; reshape it to broadcast against x") from None
+    check.check_broadcast(tuple(w.shape), tuple(x.shape))
     return ops.scale_grad(x, w)
 
 
-def _broadcast_shape(w: tuple[int, ...], x: tuple[int, ...]) -> None:
-    if len(w) > len(x):
-        raise ValueError(f"of shape {w} has more dimensions than x {x}")
-    for a, b in zip(reversed(w), reversed(x), strict=False):  # w may be shorter than x
-        if a not in (1, b):
-            raise ValueError(f"of shape {w} does not broadcast against x of shape {x}")
+def gate_rejected_vjp(
+    rejected_logps: Array,
+    cotangent: Array,
+    gate: Gate,
+    mask: Array | None = None,
+    *,
+    lengths: Array | int | None = None,
+) -> Array:
+    """The backward rule of :func:`gate_rejected`, stated explicitly: ``g * cotangent``.
+
+    Shapes as in :func:`gate_rejected`; ``cotangent`` has the shape of ``rejected_logps``. The
+    product is formed in ``promote_types(dtype, float32)`` and cast back once, as every
+    backend's primitive does. For frameworks without autograd (NumPy) this is the reference
+    the tests compare against.
+    """
+    stats = gate_weights(rejected_logps, gate, mask, lengths=lengths)
+    ops = backend_for(rejected_logps=rejected_logps, cotangent=cotangent)
+    weight = broadcast_weight(ops, rejected_logps, stats)
+    dtype = ops.compute_dtype(cotangent)
+    return ops.astype(ops.astype(cotangent, dtype) * weight, cotangent.dtype)
+
+
+def gate_value(gate: Gate, p_or_logp: Array, *, log: bool = False) -> Array:
+    """``g(p)`` elementwise for probabilities ``p`` (or log-probabilities with ``log=True``).
+
+    Any framework's array; computed in ``promote_types(dtype, float32)``, without gradient.
+    """
+    gate = check.require_gate(gate)
+    ops = backend_for(p_or_logp=p_or_logp)
+    x = ops.astype(ops.stop_gradient(p_or_logp), ops.compute_dtype(p_or_logp))
+    return _math.gate_value(gate, x if log else ops.log(x), ops)
+
+
+def masked_quantile(values: Array, mask: Array, q: float) -> Array:
+    """Per-row quantile of ``values[mask]`` (``(B, T)`` -> ``(B,)``), as ``numpy.quantile``."""
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q must be a number in [0, 1], got {q!r}")
+    ops = backend_for(values=values, mask=mask)
+    return _math.masked_quantile(values, ops.bool_mask(mask), float(q), ops)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from collections.abc import Callable
 from typing import Any, Literal
+
+from ._backend import load_imported
 
 ShapeName = Literal["sigmoid", "log_sigmoid", "hard", "power"]
 Shape = ShapeName | Callable[[Any], Any]
@@ -134,7 +135,7 @@ class Gate:
                 f"Gate granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
         parse_estimator(self.estimator)
-        _register_pytree_if_jax_loaded()
+        load_imported()  # e.g. the JAX backend makes Gate a pytree once JAX is loaded
 
     def _check_ranges(self) -> None:
         tau = self.tau
@@ -173,13 +174,6 @@ class Gate:
         for f in dataclasses.fields(cls):
             object.__setattr__(obj, f.name, fields[f.name])
         return obj
-
-
-def _register_pytree_if_jax_loaded() -> None:
-    """Make :class:`Gate` a JAX pytree (numbers as leaves) once JAX is imported, so that
-    ``jax.jit(f)(x, gate)`` traces the parameters. Never imports JAX itself."""
-    if "jax" in sys.modules and not getattr(Gate, "_jax_pytree_registered", False):
-        import gategrad.backends.jax  # noqa: F401  (registers on import)
 
 
 #: Fields that hold numbers (pytree leaves in JAX) versus static structure.

@@ -1,13 +1,14 @@
-"""Per-token log-probs from logits, written once against :class:`gategrad._xp.ArrayOps`."""
+"""Per-token log-probs from logits: the checks and the plan, written once; each backend's
+:meth:`~gategrad._backend.Backend.token_logps` kernel does the arithmetic."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._core import _require_gate, gate_rejected
-from ._dispatch import common_framework, get_ops
+from . import _validate as check
+from ._backend import Array, Backend, backend_for
+from ._core import gate_rejected
 from ._gate import Gate
-from ._xp import Array, ArrayOps
 
 __all__ = ["token_logps"]
 
@@ -29,21 +30,21 @@ def _plan(batch: int, length: int, vocab: int, chunk_size: int | None) -> tuple[
     return 1, max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _lse_in(ops: ArrayOps, dtype: Any) -> Any:
+def _lse_in(ops: Backend, dtype: Any) -> Any:
     def lse(block: Array) -> Array:
         return ops.logsumexp(ops.astype(block, dtype), axis=-1)
 
     return lse
 
 
-def _chunk_logps(
-    ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
+def chunked_logps(
+    ops: Backend, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
 ) -> Array:
     """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``.
 
     Chunks are slices: for arrays without a gradient (NumPy, concrete JAX) or an explicit
     ``chunk_size``. (Under autograd the gradient of each slice is a zero-padded ``(B, T, V)``
-    array, which is why torch and traced JAX/MLX take the other paths.)
+    array, which is why torch and traced JAX/MLX take other kernels.)
     """
     batch, length = int(labels.shape[0]), int(labels.shape[1])
     out_rows = []
@@ -65,7 +66,7 @@ def _chunk_logps(
     return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
 
 
-def _fused_logps(ops: ArrayOps, logits: Array, labels: Array, cdtype: Any) -> Array:
+def fused_logps(ops: Backend, logits: Array, labels: Array, cdtype: Any) -> Array:
     """One ``logsumexp`` over all the logits, for compilers that fuse it (XLA, MLX).
 
     XLA (JAX under ``jit`` or ``grad``) and MLX's ``logsumexp`` primitive reduce without a
@@ -78,82 +79,6 @@ def _fused_logps(ops: ArrayOps, logits: Array, labels: Array, cdtype: Any) -> Ar
     else:  # low precision: the float32 cast is recomputed in the backward, not kept
         lse = ops.checkpoint(_lse_in(ops, cdtype), logits)
     return ops.astype(picked, cdtype) - lse
-
-
-_TORCH_CHUNK: list[Any] = []
-
-
-def _torch_chunk() -> Any:
-    """The ``torch.autograd.Function`` of one chunk, built on first use (so that importing
-    gategrad does not import torch)."""
-    if _TORCH_CHUNK:
-        return _TORCH_CHUNK[0]
-    import torch
-
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-
-    class _ChunkLogps(torch.autograd.Function):
-        """``(log_softmax(block)[idx], logsumexp(block))`` in ``dtype``; differentiable in the
-        first output only. Saves ``block`` (a view of the logits), ``idx`` and the
-        ``logsumexp`` ``(rows, cols)``: nothing of size ``B * T * V``."""
-
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(block: Any, idx: Any, dtype: Any) -> Any:  # type: ignore[override]
-            out = block.log_softmax(-1, dtype=dtype).gather(-1, idx)[..., 0]
-            return out, block.gather(-1, idx)[..., 0].to(dtype) - out
-
-        @staticmethod
-        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-            block, idx, _ = inputs
-            _, lse = output
-            ctx.mark_non_differentiable(lse)
-            ctx.save_for_backward(block, idx, lse)
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:  # type: ignore[override]
-            # d out / d block = onehot(idx) - softmax(block)
-            block, idx, lse = ctx.saved_tensors
-            g = grad[..., None]
-            if torch.is_grad_enabled():  # create_graph: a formula autograd differentiates
-                soft = torch.softmax(block.to(lse.dtype), -1)
-                gx = (soft * -g).scatter_add(-1, idx, g)
-            elif (
-                torch.compiler.is_compiling() or wrapped is None or wrapped(grad) or wrapped(block)
-            ):  # torch.compile, torch.func: out of place
-                soft = torch.exp(block.to(lse.dtype) - lse[..., None])
-                gx = (soft * -g).scatter_add(-1, idx, g)
-            else:  # eager: one (rows, cols, V) allocation, the rest in place
-                soft = block.to(lse.dtype).sub(lse[..., None]).exp_()
-                gx = soft.mul_(-g).scatter_add_(-1, idx, g)
-            return gx.to(block.dtype), None, None
-
-    _TORCH_CHUNK.append(_ChunkLogps)
-    return _ChunkLogps
-
-
-def _torch_logps(
-    ops: ArrayOps, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
-) -> Array:
-    """torch: fused ``log_softmax`` + gather per chunk, chunks from ``split``.
-
-    ``split`` has one backward node that concatenates the chunks' gradients (slices would each
-    add a zero-padded ``(B, T, V)`` gradient). Each chunk is one autograd function: the
-    forward runs the fused ``log_softmax`` kernel (``dtype=float32`` casts bf16/fp16 chunks
-    inside it) and keeps no log-softmax; the backward forms ``onehot - softmax`` from the saved
-    ``logsumexp`` in one pass. Nothing of size ``B * T * V`` is held between forward and
-    backward, only views of the logits.
-    """
-    chunk = _torch_chunk()
-    out_rows = []
-    for xb, yb in zip(logits.split(rows, 0), labels.split(rows, 0), strict=True):
-        pieces = [
-            chunk.apply(xc, yc[..., None], cdtype)[0]
-            for xc, yc in zip(xb.split(cols, 1), yb.split(cols, 1), strict=True)
-        ]
-        out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
-    return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
 
 
 def token_logps(
@@ -208,29 +133,11 @@ def token_logps(
     ``benchmarks/overhead.py`` compares it with ``log_softmax`` + gather and with TRL's
     ``selective_log_softmax`` (docs/benchmarks.md).
     """
-    ops = get_ops(common_framework(logits=logits, labels=labels, mask=mask))
-    if logits.ndim != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    if not ops.is_floating(logits):
-        raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
-    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match logits "
-            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
-        )
-    if ops.is_floating(labels):
-        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
-            "they must match (B, T)"
-        )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    ops = backend_for(logits=logits, labels=labels, mask=mask)
+    check.check_logits_labels(ops, logits, labels, mask)
+    check.check_chunk_size(chunk_size)
     if gate is not None:
-        gate = _require_gate(gate)
+        gate = check.require_gate(gate)
         if gate.granularity != "token":
             raise ValueError(
                 "token_logps gates per token only (Gate(granularity='token')); an "
@@ -249,19 +156,12 @@ def token_logps(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & ops.bool_mask(mask)
-    safe = ops.as_index(ops.where(valid, labels, ops.full_like(labels, 0)))
+    safe = ops.as_index(ops.where(valid, labels, 0))
     cdtype = ops.compute_dtype(logits)
     batch, length, vocab = (int(n) for n in logits.shape)
-    rows, cols = _plan(batch, length, vocab, chunk_size)
-    if ops.name == "torch":
-        logps = _torch_logps(ops, logits, safe, cdtype, rows, cols)
-    elif chunk_size is None and (
-        ops.name == "mlx" or (ops.name == "jax" and not ops.is_concrete(logits))
-    ):
-        logps = _fused_logps(ops, logits, safe, cdtype)
-    else:
-        logps = _chunk_logps(ops, logits, safe, cdtype, rows, cols)
-    logps = ops.where(valid, logps, ops.full_like(logps, 0.0))
+    plan = _plan(batch, length, vocab, chunk_size)
+    logps = ops.token_logps(logits, safe, cdtype, plan, chunk_size is not None)
+    logps = ops.where(valid, logps, 0.0)
     if gate is not None:
         logps = gate_rejected(logps, gate, valid)
     return logps, valid

@@ -1,4 +1,4 @@
-"""The gate math, written once against :class:`gategrad._xp.ArrayOps`.
+"""The gate math, written once against :class:`gategrad._backend.Backend`.
 
 Everything here runs on stop-gradient values in ``promote_types(dtype, float32)``.
 """
@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 
 from ._gate import Gate
-from ._xp import Array, ArrayOps
+from ._backend import Array, Backend
 
 
-def _log_param(value: Any, ops: ArrayOps) -> Any:
+def _log_param(value: Any, ops: Backend) -> Any:
     """``log`` of a gate parameter: Python math for numbers, array math for traced values."""
     return math.log(value) if isinstance(value, (int, float)) else ops.log(value)
 
 
-def gate_value(gate: Gate, logp: Array, ops: ArrayOps) -> Array:
+def gate_value(gate: Gate, logp: Array, ops: Backend) -> Array:
     """``g(p)`` for ``p = exp(logp)``, elementwise, in ``[0, 1]`` and non-decreasing in ``p``.
 
     ``logp`` may hold ``-inf`` (``p = 0``): every named shape then gives exactly 0 (before the
@@ -32,10 +32,10 @@ def gate_value(gate: Gate, logp: Array, ops: ArrayOps) -> Array:
         g = ops.sigmoid((logp - _log_param(gate.tau, ops)) / gate.temperature)
     elif shape == "hard":
         ge = logp >= _log_param(gate.tau, ops)
-        g = ops.where(ge, ops.full_like(logp, 1.0), ops.full_like(logp, 0.0))
+        g = ops.astype(ge, logp.dtype)
     elif shape == "power":
         z = gate.exponent * (logp - _log_param(gate.tau, ops))
-        g = ops.exp(ops.minimum(z, ops.full_like(logp, 0.0)))
+        g = ops.exp(ops.minimum(z, 0.0))
     else:  # a user callable on p
         g = shape(ops.exp(logp))
         g = ops.astype(g, ops.compute_dtype(logp)) if hasattr(g, "dtype") else g
@@ -63,7 +63,7 @@ def _quantile_tables(length: int, q: float) -> tuple[np.ndarray, ...]:
     return lo.astype(np.int64), hi.astype(np.int64), t, 1.0 - t, t >= 0.5
 
 
-def masked_quantile(values: Array, mask: Array, q: float, ops: ArrayOps) -> Array:
+def masked_quantile(values: Array, mask: Array, q: float, ops: Backend) -> Array:
     """Quantile ``q`` of each row's masked values, as ``numpy.quantile(row[mask], q)``.
 
     ``values`` and boolean ``mask`` have shape ``(B, T)``; every row needs one valid entry.
@@ -75,11 +75,10 @@ def masked_quantile(values: Array, mask: Array, q: float, ops: ArrayOps) -> Arra
         ops.from_numpy(a, like=values) for a in _quantile_tables(length, float(q))
     )
     dtype = values.dtype
-    big = ops.full_like(values, float("inf"))
-    ordered = ops.sort(ops.where(mask, values, big), axis=-1)
+    ordered = ops.sort(ops.where(mask, values, float("inf")), axis=-1)
     count = ops.sum(ops.astype(mask, lo_t.dtype), axis=-1)
     k = count - 1
-    k = ops.where(k < 0, ops.full_like(k, 0), k)  # all-masked rows are rejected upstream
+    k = ops.maximum(k, 0)  # all-masked rows are rejected upstream
     lo = ops.take_along_axis(lo_t, k, axis=-1)
     hi = ops.take_along_axis(hi_t, k, axis=-1)
     t = ops.astype(ops.take_along_axis(t_t, k, axis=-1), dtype)
@@ -91,7 +90,7 @@ def masked_quantile(values: Array, mask: Array, q: float, ops: ArrayOps) -> Arra
     return ops.where(upper, b - diff * omt, a + diff * t)
 
 
-def estimate_logp(gate: Gate, logps: Array, mask: Array, ops: ArrayOps) -> Array:
+def estimate_logp(gate: Gate, logps: Array, mask: Array, ops: Backend) -> Array:
     """Per-example ``log p`` of the rejected response from token log-probs.
 
     ``logps`` ``(B, T)`` in compute dtype, boolean ``mask`` ``(B, T)``; returns ``(B,)``:
@@ -102,16 +101,15 @@ def estimate_logp(gate: Gate, logps: Array, mask: Array, ops: ArrayOps) -> Array
     - ``qNN``:  ``log quantile_{t: m_t}(p_t, NN/100)`` (NumPy's linear method)
     """
     est = gate.estimator
-    zero = ops.full_like(logps, 0.0)
     if est == "min":
-        return ops.min(ops.where(mask, logps, ops.full_like(logps, float("inf"))), axis=-1)
+        return ops.min(ops.where(mask, logps, float("inf")), axis=-1)
     if est == "seq":
         count = ops.sum(ops.astype(mask, logps.dtype), axis=-1)
-        return ops.sum(ops.where(mask, logps, zero), axis=-1) / count
+        return ops.sum(ops.where(mask, logps, 0.0), axis=-1) / count
     probs = ops.exp(logps)
     if est == "mean":
         count = ops.sum(ops.astype(mask, logps.dtype), axis=-1)
-        return ops.log(ops.sum(ops.where(mask, probs, zero), axis=-1) / count)
+        return ops.log(ops.sum(ops.where(mask, probs, 0.0), axis=-1) / count)
     quantile = gate.quantile
     assert quantile is not None
     return ops.log(masked_quantile(probs, mask, quantile, ops))

@@ -1,7 +1,7 @@
-"""The DPO loss family, written once against :class:`gategrad._xp.ArrayOps`.
+"""The DPO loss family, written once against :class:`gategrad._backend.Backend`.
 
-Every loss here runs on NumPy, PyTorch, JAX and MLX arrays alike: the formulas below are the
-only copy. Notation: ``pi_w = log pi(y_w | x)`` and ``pi_l = log pi(y_l | x)`` are the policy's
+Every loss here runs on NumPy, PyTorch, JAX and MLX arrays alike. Each loss type is declared
+once, in the registry :data:`gategrad._loss_registry.LOSSES` (parameters, formula, rewards). Notation: ``pi_w = log pi(y_w | x)`` and ``pi_l = log pi(y_l | x)`` are the policy's
 summed log-probs of the chosen and rejected responses, ``ref_w``/``ref_l`` the reference
 model's, ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``|y|`` a response's token count and
 ``ls(z) = log sigmoid(z)``. Per example:
@@ -42,16 +42,28 @@ need a device sync or is impossible) and propagate as NaN or inf into the loss. 
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict
 
-from ._core import _eager, _require_gate, _rows, gate_rejected
-from ._dispatch import common_framework, get_ops
+from . import _validate as check
+from ._backend import Array, Backend, backend_for
+from ._core import gate_rejected
 from ._gate import Gate
-from ._xp import Array, ArrayOps
+from ._loss_registry import LOSS_PARAMS, LOSS_TYPES, LOSSES, Terms, resolve
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
 
 __all__ = [
+    "LOSS_PARAMS",
     "LOSS_TYPES",
+    "LossOptions",
     "cal_dpo_loss",
     "dpo_loss",
     "dpo_shift_lambda",
@@ -64,33 +76,6 @@ __all__ = [
     "simpo_loss",
 ]
 
-#: The loss types :func:`preference_loss` accepts (TRL's names where TRL has the loss).
-LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid",
-    "ipo",
-    "cal_dpo",
-    "dpo_shift",
-    "simpo",
-    "dpop",
-    "hinge",
-    "robust",
-)
-
-#: Extra parameters each loss type takes, with their defaults.
-LOSS_PARAMS: dict[str, dict[str, Any]] = {
-    "sigmoid": {"label_smoothing": 0.0},
-    "ipo": {"length_normalize": True},
-    "cal_dpo": {},
-    "dpo_shift": {"lam": 0.95},
-    "simpo": {"gamma": 0.5},
-    "dpop": {"dpop_lambda": 50.0},
-    "hinge": {},
-    "robust": {"label_smoothing": 0.0},
-}
-
-#: Loss types that use the reference model's log-probs.
-_USES_REF = frozenset(LOSS_TYPES) - {"simpo"}
-
 METRIC_KEYS: tuple[str, ...] = (
     "rewards/chosen",
     "rewards/rejected",
@@ -101,91 +86,36 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 GATE_METRIC_KEYS: tuple[str, ...] = ("gate/mean", "gate/frac_below_half", "gate/p_mean")
 
+LossResult = tuple[Array, dict[str, Array]]
+
+
+class LossOptions(TypedDict, total=False):
+    """The keyword arguments every loss of the family shares (see :func:`preference_loss`)."""
+
+    beta: float
+    gate: Gate | None
+    chosen_mask: Array | None
+    rejected_mask: Array | None
+    chosen_lengths: Array | int | None
+    rejected_lengths: Array | int | None
+    sft_weight: float
+
 
 # --------------------------------------------------------------------------------------------
-# validation helpers
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_params(loss_type: str, beta: Any, sft_weight: Any, params: dict[str, Any]) -> dict:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    allowed = LOSS_PARAMS[loss_type]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        takes = f"takes {sorted(allowed)}" if allowed else "takes no extra parameters"
-        raise ValueError(f"loss_type={loss_type!r} {takes}; got unexpected {unknown}")
-    out = {**allowed, **params}
-    if _is_number(beta):
-        if not (math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    elif isinstance(beta, bool) or beta is None:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not _is_number(sft_weight) or not (math.isfinite(sft_weight) and sft_weight >= 0):
-        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
-    eps = out.get("label_smoothing")
-    if eps is not None and _is_number(eps):
-        upper = 0.5 if loss_type == "robust" else 1.0
-        if not 0.0 <= eps < upper:
-            raise ValueError(
-                f"label_smoothing must lie in [0, {upper:g}) for loss_type={loss_type!r}, "
-                f"got {eps!r}"
-            )
-    lam = out.get("lam")
-    if lam is not None and _is_number(lam) and not 0.0 < lam <= 1.0:
-        raise ValueError(f"lam (DPO-Shift's lambda) must lie in (0, 1], got {lam!r}")
-    for name in ("dpop_lambda", "gamma"):
-        value = out.get(name)
-        if value is not None and _is_number(value) and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if "length_normalize" in out and not isinstance(out["length_normalize"], bool):
-        raise ValueError(f"length_normalize must be a bool, got {out['length_normalize']!r}")
-    return out
-
-
-def _check_finite(ops: ArrayOps, x: Array, mask: Array | None, name: str) -> None:
-    """NaN or +-inf log-probs (inside the mask) raise ``ValueError`` (eager mode only)."""
-    if not _eager(ops, x):
-        return
-    bad = ops.isnan(x) | (x == float("inf")) | (x == float("-inf"))
-    if mask is not None and x.ndim == 2:
-        bad = bad & mask
-    # ``x`` may be a concrete constant closed over by a traced function (jax.jit): then ``bad``
-    # is traced, and its values cannot be inspected.
-    if ops.is_concrete(bad) and ops.any(bad):
-        per_row = bad if bad.ndim == 1 else ops.sum(ops.astype(bad, x.dtype), axis=-1) > 0
-        raise ValueError(
-            f"{name} holds NaN or +-inf at {_rows(ops, per_row)}; preference losses need "
-            "finite log-probs (a -inf log-prob means a token of probability 0: check the labels, "
-            "the masks and the model's logits)"
-        )
-
-
-def _check_lengths(ops: ArrayOps, lengths: Array, name: str) -> None:
-    if not _eager(ops, lengths):
-        return
-    bad = ~(lengths > 0)
-    if ops.is_concrete(bad) and ops.any(bad):
-        raise ValueError(
-            f"{name} has no tokens at {_rows(ops, bad)}; every response needs at least one "
-            "token (drop zero-length responses from the batch)"
-        )
+# validation of the inputs of one response side
 
 
 class _Side:
-    """One response side (chosen or rejected): the summed log-probs and the token counts."""
+    """One response side (chosen or rejected): its argument names."""
 
-    def __init__(self, name: str, mask_name: str, lengths_name: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.mask_name = mask_name
-        self.lengths_name = lengths_name
+        self.mask_name = f"{name}_mask"
+        self.lengths_name = f"{name}_lengths"
 
 
-_CHOSEN = _Side("chosen", "chosen_mask", "chosen_lengths")
-_REJECTED = _Side("rejected", "rejected_mask", "rejected_lengths")
+_CHOSEN = _Side("chosen")
+_REJECTED = _Side("rejected")
 
 
 def _batch_size(x: Array, name: str) -> int:
@@ -198,7 +128,7 @@ def _batch_size(x: Array, name: str) -> int:
 
 
 def _prepare_side(
-    ops: ArrayOps,
+    ops: Backend,
     side: _Side,
     policy: Array,
     ref: Array | None,
@@ -238,7 +168,7 @@ def _prepare_side(
             f"counts its tokens from {side.mask_name}="
         )
     if lengths is not None:
-        if _is_number(lengths):
+        if check.is_number(lengths):
             counts = ops.full_like(ops.astype(ops.stop_gradient(policy), cdtype), float(lengths))
         else:
             if tuple(lengths.shape) != (policy.shape[0],):
@@ -253,99 +183,30 @@ def _prepare_side(
     else:
         counts = None
     if counts is not None:
-        _check_lengths(ops, counts, side.mask_name if lengths is None else side.lengths_name)
+        check.check_counts(ops, counts, side.mask_name if lengths is None else side.lengths_name)
     return maskb, counts
 
 
-def _reduce(ops: ArrayOps, x: Array, mask: Array | None, cdtype: Any) -> Array:
+def _reduce(ops: Backend, x: Array, mask: Array | None, cdtype: Any) -> Array:
     """Per-sequence sums in ``cdtype``: ``(B,)`` passes, ``(B, T)`` is summed over the mask."""
     x = ops.astype(x, cdtype)
     if x.ndim == 1:
         return x
     if mask is not None:
-        x = ops.where(mask, x, ops.full_like(x, 0.0))
+        x = ops.where(mask, x, 0.0)
     return ops.sum(x, axis=-1)
 
 
-# --------------------------------------------------------------------------------------------
-# the formulas, written once
-
-
-def _per_example_loss(
-    loss_type: str,
-    ops: ArrayOps,
-    pi_w: Array,
-    pi_l: Array,
-    ref_w: Array | None,
-    ref_l: Array | None,
-    len_w: Array | None,
-    len_l: Array | None,
-    beta: Any,
-    p: dict[str, Any],
-) -> Array:
-    ls = ops.log_sigmoid
-    if loss_type == "simpo":
-        return -ls(beta * (pi_w / len_w) - beta * (pi_l / len_l) - p["gamma"])
-    h_w = pi_w - ref_w
-    h_l = pi_l - ref_l
-    if loss_type == "sigmoid":
-        eps = p["label_smoothing"]
-        z = beta * (h_w - h_l)
-        if _is_number(eps) and eps == 0.0:
-            return -ls(z)
-        return -(1.0 - eps) * ls(z) - eps * ls(-z)
-    if loss_type == "robust":
-        eps = p["label_smoothing"]
-        z = beta * (h_w - h_l)
-        return (-(1.0 - eps) * ls(z) + eps * ls(-z)) / (1.0 - 2.0 * eps)
-    if loss_type == "hinge":
-        z = 1.0 - beta * (h_w - h_l)
-        return ops.maximum(z, ops.full_like(z, 0.0))
-    if loss_type == "ipo":
-        if p["length_normalize"]:
-            h_w, h_l = h_w / len_w, h_l / len_l
-        d = h_w - h_l - 1.0 / (2.0 * beta)
-        return d * d
-    if loss_type == "cal_dpo":
-        target = 1.0 / (2.0 * beta)
-        cw = h_w - target
-        cl = h_l + target
-        return -ls(h_w - h_l) + cw * cw + cl * cl
-    if loss_type == "dpo_shift":
-        return -ls(beta * h_w - p["lam"] * beta * h_l)
-    if loss_type == "dpop":
-        shortfall = ref_w - pi_w
-        penalty = ops.maximum(shortfall, ops.full_like(shortfall, 0.0))
-        return -ls(beta * (h_w - h_l - p["dpop_lambda"] * penalty))
-    raise AssertionError(loss_type)  # pragma: no cover - checked in _check_params
-
-
-def _rewards(
-    loss_type: str,
-    pi_w: Array,
-    pi_l: Array,
-    ref_w: Array | None,
-    ref_l: Array | None,
-    len_w: Array | None,
-    len_l: Array | None,
-    beta: Any,
-) -> tuple[Array, Array]:
-    """TRL's implicit rewards: ``beta * h`` (SimPO: ``beta * pi / |y|``, as TRL's CPO)."""
-    if loss_type == "simpo":
-        return beta * (pi_w / len_w), beta * (pi_l / len_l)
-    return beta * (pi_w - ref_w), beta * (pi_l - ref_l)
-
-
-def _masked_mean(ops: ArrayOps, x: Array, mask: Array | None) -> Array:
+def _masked_mean(ops: Backend, x: Array, mask: Array | None) -> Array:
     """Mean of every element, or of the elements inside the boolean ``mask``."""
     if mask is None:
         return ops.mean(x)
-    kept = ops.where(mask, x, ops.full_like(x, 0.0))
+    kept = ops.where(mask, x, 0.0)
     count = ops.sum(ops.sum(ops.astype(mask, x.dtype), axis=-1), axis=-1)
     return ops.sum(ops.sum(kept, axis=-1), axis=-1) / count
 
 
-def _gate_metrics(ops: ArrayOps, stats: Any, cdtype: Any) -> dict[str, Array]:
+def _gate_metrics(ops: Backend, stats: Any, cdtype: Any) -> dict[str, Array]:
     """Gate statistics over examples, or over the masked tokens for token granularity."""
     weight = ops.astype(ops.stop_gradient(stats.weight), cdtype)
     p = ops.astype(ops.stop_gradient(stats.p), cdtype)
@@ -396,7 +257,8 @@ def preference_loss(
         chosen_lengths, rejected_lengths: token counts ``(B,)`` (or one int) of per-sequence
             inputs, where the loss, the SFT term or the gate needs them.
         sft_weight: weight of the RPO-style term ``mean(-pi_w / |y_w|)`` (0 disables it).
-        **loss_params: the loss type's own parameters (:data:`LOSS_PARAMS`): ``label_smoothing``
+        **loss_params: the loss type's own parameters (:data:`LOSS_PARAMS`; the typed
+            functions such as :func:`dpo_loss` name them): ``label_smoothing``
             (``sigmoid``: conservative DPO, in [0, 1); ``robust``: in [0, 0.5)),
             ``length_normalize`` (``ipo``, default ``True`` as TRL), ``lam`` (``dpo_shift``,
             default 0.95; see :func:`dpo_shift_lambda`), ``gamma`` (``simpo``, default 0.5),
@@ -410,10 +272,13 @@ def preference_loss(
         ``gate/mean``, ``gate/frac_below_half`` (fraction of examples, or of masked tokens,
         with ``g < 0.5``) and ``gate/p_mean`` (the estimator's mean ``p``).
     """
-    params = _check_params(loss_type, beta, sft_weight, loss_params)
+    spec, params = resolve(loss_type, loss_params)
+    check.positive_number("beta", beta)
+    if not check.is_number(sft_weight) or not 0 <= sft_weight < float("inf"):
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
     if gate is not None:
-        gate = _require_gate(gate)
-    uses_ref = loss_type in _USES_REF
+        gate = check.require_gate(gate)
+    uses_ref = spec.uses_ref
     if uses_ref and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(
             f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (the "
@@ -427,21 +292,18 @@ def preference_loss(
         "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps,
     }
-    ops = get_ops(
-        common_framework(
-            **arrays,
-            chosen_mask=chosen_mask,
-            rejected_mask=rejected_mask,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-        )
+    ops = backend_for(
+        **arrays,
+        chosen_mask=chosen_mask,
+        rejected_mask=rejected_mask,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
     )
     sizes = {}
     for name, x in arrays.items():
         if x is None:
             continue
-        if not ops.is_floating(x):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        check.require_floating(ops, x, name)
         sizes[name] = _batch_size(x, name)
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
@@ -460,9 +322,16 @@ def preference_loss(
     )
     for name, x in arrays.items():
         if x is not None:
-            _check_finite(ops, x, mask_w if "chosen" in name else mask_l, name)
-    needs_len = (loss_type == "simpo") or (loss_type == "ipo" and params["length_normalize"])
-    if needs_len and (len_w is None or len_l is None):
+            check.check_log_probs(
+                ops,
+                x,
+                name,
+                mask=mask_w if "chosen" in name else mask_l,
+                allow_neg_inf=False,
+                hint="preference losses need finite log-probs (a -inf log-prob means a token of "
+                "probability 0: check the labels, the masks and the model's logits)",
+            )
+    if spec.needs_lengths(params) and (len_w is None or len_l is None):
         raise ValueError(
             f"loss_type={loss_type!r} normalises by length: pass chosen_lengths= and "
             "rejected_lengths= with per-sequence (B,) log-probs, or per-token (B, T) log-probs "
@@ -497,7 +366,7 @@ def preference_loss(
             rejected, stats = gate_rejected(rejected, gate, lengths=len_l, return_stats=True)
         else:
             if mask_l is not None:  # padding may hold anything; the gate sees zeros there
-                rejected = ops.where(mask_l, rejected, ops.full_like(rejected, 0.0))
+                rejected = ops.where(mask_l, rejected, 0.0)
             rejected, stats = gate_rejected(rejected, gate, mask_l, return_stats=True)
 
     pi_w = _reduce(ops, policy_chosen_logps, mask_w, cdtype)
@@ -505,20 +374,20 @@ def preference_loss(
     ref_w = None if ref_chosen_logps is None else _reduce(ops, ref_chosen_logps, mask_w, cdtype)
     ref_l = None if ref_rejected_logps is None else _reduce(ops, ref_rejected_logps, mask_l, cdtype)
 
-    losses = _per_example_loss(loss_type, ops, pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, params)
-    loss = ops.mean(losses)
+    loss = ops.mean(spec.formula(ops, Terms(pi_w, pi_l, ref_w, ref_l, len_w, len_l), beta, params))
     if sft_weight > 0:
         loss = loss + sft_weight * ops.mean(-(pi_w / len_w))
 
     sg = ops.stop_gradient
-    r_w, r_l = _rewards(
-        loss_type,
-        sg(pi_w),
-        sg(pi_l),
-        None if ref_w is None else sg(ref_w),
-        None if ref_l is None else sg(ref_l),
-        len_w,
-        len_l,
+    r_w, r_l = spec.rewards(
+        Terms(
+            sg(pi_w),
+            sg(pi_l),
+            None if ref_w is None else sg(ref_w),
+            None if ref_l is None else sg(ref_l),
+            len_w,
+            len_l,
+        ),
         beta,
     )
     r_w, r_l = sg(r_w), sg(r_l)
@@ -535,104 +404,131 @@ def preference_loss(
     return loss, metrics
 
 
-def _named(loss_type: str, doc: str):  # type: ignore[no-untyped-def]
-    def loss(
-        policy_chosen_logps: Array,
-        policy_rejected_logps: Array,
-        ref_chosen_logps: Array | None = None,
-        ref_rejected_logps: Array | None = None,
-        *,
-        beta: float = 0.1,
-        gate: Gate | None = None,
-        chosen_mask: Array | None = None,
-        rejected_mask: Array | None = None,
-        chosen_lengths: Array | int | None = None,
-        rejected_lengths: Array | int | None = None,
-        sft_weight: float = 0.0,
-        **loss_params: Any,
-    ) -> tuple[Array, dict[str, Array]]:
-        return preference_loss(
-            loss_type,
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            gate=gate,
-            chosen_mask=chosen_mask,
-            rejected_mask=rejected_mask,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            sft_weight=sft_weight,
-            **loss_params,
+
+# --------------------------------------------------------------------------------------------
+# one typed function per loss type: its own parameters by name, the shared ones as LossOptions
+
+_P = ParamSpec("_P")
+#: The type of a named loss: the four log-prob arrays, then the stub's keyword parameters.
+NamedLoss = Callable[Concatenate[Array, Array, "Array | None", "Array | None", _P], LossResult]
+_ARRAYS = (
+    inspect.Parameter("policy_chosen_logps", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("policy_rejected_logps", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("ref_chosen_logps", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+    inspect.Parameter("ref_rejected_logps", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+)
+
+
+def _named(loss_type: str) -> Callable[[Callable[_P, None]], NamedLoss[_P]]:
+    """Turn a stub that declares a loss type's own keyword parameters into the public loss.
+
+    The result takes the four log-prob arrays (positionally or by name) and every keyword of
+    :func:`preference_loss`; its signature (``inspect.signature``, IDEs) lists them all, and the
+    stub's defaults must equal the registry's (checked here, at import).
+    """
+    spec = LOSSES[loss_type]
+
+    def wrap(stub: Callable[_P, None]) -> NamedLoss[_P]:
+        own = inspect.signature(stub).parameters
+        declared = {k: v.default for k, v in own.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+        if declared != spec.defaults:
+            raise AssertionError(f"{stub.__name__}: {declared} != registry {spec.defaults}")
+
+        def loss(
+            policy_chosen_logps: Array,
+            policy_rejected_logps: Array,
+            ref_chosen_logps: Array | None = None,
+            ref_rejected_logps: Array | None = None,
+            **kwargs: Any,
+        ) -> LossResult:
+            return preference_loss(
+                loss_type,
+                policy_chosen_logps,
+                policy_rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                **kwargs,
+            )
+
+        functools.update_wrapper(loss, stub)
+        common = inspect.signature(preference_loss).parameters
+        keywords = [v for k, v in common.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+        keywords += [v for v in own.values() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+        loss.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*_ARRAYS, *keywords], return_annotation="tuple[Array, dict[str, Array]]"
         )
+        return loss
 
-    params = LOSS_PARAMS[loss_type]
-    extra = ", ".join(f"``{k}={v!r}``" for k, v in params.items()) or "none"
-    loss.__doc__ = (
-        f"{doc}\n\n``preference_loss({loss_type!r}, ...)``: same arguments and return value "
-        f"(see :func:`preference_loss`). Loss parameters: {extra}."
-    )
-    return loss
+    return wrap
 
 
-dpo_loss = _named(
-    "sigmoid",
-    "DPO (Rafailov et al. 2023, arXiv 2305.18290): ``-ls(beta (h_w - h_l))``.\n\n"
-    "With ``label_smoothing=eps > 0``: conservative DPO (cDPO, Mitchell 2023), "
-    "``-(1 - eps) ls(z) - eps ls(-z)``.",
-)
-ipo_loss = _named(
-    "ipo",
-    "IPO (Azar et al. 2023, arXiv 2310.12036): ``(h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2``."
-    "\n\nLength-normalised like TRL's ``ipo``; ``length_normalize=False`` gives the paper's "
-    "unnormalised ``(h_w - h_l - 1 / (2 beta))^2``.",
-)
-cal_dpo_loss = _named(
-    "cal_dpo",
-    "Cal-DPO (Xiao et al. 2024, arXiv 2412.14516), as the official code: "
-    "``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2`` (no beta inside the "
-    "sigmoid).",
-)
-dpo_shift_loss = _named(
-    "dpo_shift",
-    "DPO-Shift (Yang et al. 2025, arXiv 2502.07599): ``-ls(beta h_w - lam beta h_l)``, "
-    "``lam`` in (0, 1]. Pass ``lam=dpo_shift_lambda(step, total_steps, ...)`` for a schedule.",
-)
-simpo_loss = _named(
-    "simpo",
-    "SimPO (Meng et al. 2024, arXiv 2405.14734): "
-    "``-ls(beta pi_w / |y_w| - beta pi_l / |y_l| - gamma)``; no reference model. The paper "
-    "uses beta around 2 to 2.5.",
-)
-dpop_loss = _named(
-    "dpop",
-    "DPOP / DPO-Positive (Pal et al. 2024, arXiv 2402.13228): "
-    "``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))``.",
-)
-hinge_loss = _named(
-    "hinge",
-    "Hinge (SLiC-HF, Zhao et al. 2023, arXiv 2305.10425; TRL's ``hinge``): "
-    "``max(0, 1 - beta (h_w - h_l))``.",
-)
-robust_dpo_loss = _named(
-    "robust",
-    "Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409; TRL's ``robust``): "
-    "``(-(1 - eps) ls(z) + eps ls(-z)) / (1 - 2 eps)`` with ``z = beta (h_w - h_l)`` and "
-    "``eps = label_smoothing`` in [0, 0.5).",
-)
-for _fn, _name in (
-    (dpo_loss, "dpo_loss"),
-    (ipo_loss, "ipo_loss"),
-    (cal_dpo_loss, "cal_dpo_loss"),
-    (dpo_shift_loss, "dpo_shift_loss"),
-    (simpo_loss, "simpo_loss"),
-    (dpop_loss, "dpop_loss"),
-    (hinge_loss, "hinge_loss"),
-    (robust_dpo_loss, "robust_dpo_loss"),
-):
-    _fn.__name__ = _fn.__qualname__ = _name
-del _fn, _name
+@_named("sigmoid")
+def dpo_loss(*, label_smoothing: float = 0.0, **options: Unpack[LossOptions]) -> None:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290): ``-ls(beta (h_w - h_l))``.
+
+    With ``label_smoothing=eps > 0``: conservative DPO (cDPO, Mitchell 2023),
+    ``-(1 - eps) ls(z) - eps ls(-z)``. Called as
+    ``dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    **options)``, the same as ``preference_loss("sigmoid", ...)``.
+    """
+
+
+@_named("ipo")
+def ipo_loss(*, length_normalize: bool = True, **options: Unpack[LossOptions]) -> None:
+    """IPO (Azar et al. 2023, arXiv 2310.12036): ``(h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2``.
+
+    Length-normalised like TRL's ``ipo``; ``length_normalize=False`` gives the paper's
+    unnormalised ``(h_w - h_l - 1 / (2 beta))^2``. ``preference_loss("ipo", ...)``.
+    """
+
+
+@_named("cal_dpo")
+def cal_dpo_loss(**options: Unpack[LossOptions]) -> None:
+    """Cal-DPO (Xiao et al. 2024, arXiv 2412.14516):
+    ``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2`` (no beta inside the
+    sigmoid). ``preference_loss("cal_dpo", ...)``.
+    """
+
+
+@_named("dpo_shift")
+def dpo_shift_loss(*, lam: float = 0.95, **options: Unpack[LossOptions]) -> None:
+    """DPO-Shift (Yang et al. 2025, arXiv 2502.07599): ``-ls(beta h_w - lam beta h_l)``.
+
+    ``lam`` in (0, 1]; pass ``lam=dpo_shift_lambda(step, total_steps, ...)`` for a schedule.
+    ``preference_loss("dpo_shift", ...)``.
+    """
+
+
+@_named("simpo")
+def simpo_loss(*, gamma: float = 0.5, **options: Unpack[LossOptions]) -> None:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734):
+    ``-ls(beta pi_w / |y_w| - beta pi_l / |y_l| - gamma)``; no reference model.
+
+    The paper uses beta around 2 to 2.5. ``preference_loss("simpo", ...)``.
+    """
+
+
+@_named("dpop")
+def dpop_loss(*, dpop_lambda: float = 50.0, **options: Unpack[LossOptions]) -> None:
+    """DPOP / DPO-Positive (Pal et al. 2024, arXiv 2402.13228):
+    ``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))``. ``preference_loss("dpop", ...)``.
+    """
+
+
+@_named("hinge")
+def hinge_loss(**options: Unpack[LossOptions]) -> None:
+    """Hinge (SLiC-HF, Zhao et al. 2023, arXiv 2305.10425; TRL's ``hinge``):
+    ``max(0, 1 - beta (h_w - h_l))``. ``preference_loss("hinge", ...)``.
+    """
+
+
+@_named("robust")
+def robust_dpo_loss(*, label_smoothing: float = 0.0, **options: Unpack[LossOptions]) -> None:
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409; TRL's ``robust``):
+    ``(-(1 - eps) ls(z) + eps ls(-z)) / (1 - 2 eps)`` with ``z = beta (h_w - h_l)`` and
+    ``eps = label_smoothing`` in [0, 0.5). ``preference_loss("robust", ...)``.
+    """
+
 
 SCHEDULES: tuple[str, ...] = ("fixed", "linear_increase", "linear_decrease")
 
@@ -661,7 +557,7 @@ def dpo_shift_lambda(
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
     for name, value in (("lam_min", lam_min), ("lam_max", lam_max)):
-        if not _is_number(value) or not 0.0 < value <= 1.0:
+        if not check.is_number(value) or not 0.0 < value <= 1.0:
             raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
     if lam_min > lam_max:
         raise ValueError(f"lam_min ({lam_min}) must not exceed lam_max ({lam_max})")

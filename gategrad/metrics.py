@@ -15,7 +15,7 @@ up in where the model puts its probability mass. For each response, under teache
 Squeezing: ``argmax_logp`` and ``top1`` rise while ``entropy``, ``except_argmax`` and the
 log-probs of most other responses fall.
 
-Every function is written once against the backend ``ops`` (:mod:`gategrad._xp`), so it runs on
+Every function is written once against the backend (:class:`gategrad._backend.Backend`), so it runs on
 NumPy, PyTorch, JAX and MLX arrays; results carry no gradient and are computed in
 ``promote_types(dtype, float32)``.
 """
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._dispatch import common_framework, get_ops
-from ._xp import Array
+from . import _validate as check
+from ._backend import Array, backend_for
 
 __all__ = ["METRIC_NAMES", "sequence_metrics", "to_numpy"]
 
@@ -62,17 +62,8 @@ def sequence_metrics(
     accurate when the top-1 mass is close to 1 (``log(1 - p)`` would round to ``-inf``); tied
     maxima are all treated as the argmax.
     """
-    ops = get_ops(common_framework(logits=logits, labels=labels, mask=mask))
-    if logits.ndim != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
-        )
-    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}"
-        )
+    ops = backend_for(logits=logits, labels=labels, mask=mask)
+    check.check_logits_labels(ops, logits, labels, mask)
     x = ops.stop_gradient(logits)
     x = ops.astype(x, ops.compute_dtype(x))
     if shift:
@@ -83,21 +74,20 @@ def sequence_metrics(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & ops.bool_mask(mask)
-    zero = ops.full_like(x[..., 0], 0.0)
 
     logp_all = x - ops.logsumexp(x, axis=-1)[..., None]  # (B, T, V) log-softmax
-    top = -ops.min(-logp_all, axis=-1)  # (B, T) max_v log p(v)
-    safe = ops.as_index(ops.where(valid, labels, ops.full_like(labels, 0)))
+    top = ops.max(logp_all, axis=-1)  # (B, T) max_v log p(v)
+    safe = ops.as_index(ops.where(valid, labels, 0))
     picked = ops.take_along_axis(logp_all, safe[..., None], axis=-1)[..., 0]
     is_top = logp_all >= top[..., None]
-    rest = ops.logsumexp(ops.where(is_top, ops.full_like(logp_all, float("-inf")), logp_all))
+    rest = ops.logsumexp(ops.where(is_top, float("-inf"), logp_all))
     probs = ops.exp(logp_all)
     entropy = -ops.sum(probs * logp_all, axis=-1)
 
-    count = ops.sum(ops.astype(valid, zero.dtype), axis=-1)
+    count = ops.sum(ops.astype(valid, x.dtype), axis=-1)
 
     def total(v: Array) -> Array:
-        return ops.sum(ops.where(valid, v, zero), axis=-1)
+        return ops.sum(ops.where(valid, v, 0.0), axis=-1)
 
     return {
         "logp": total(picked),
@@ -114,6 +104,5 @@ def to_numpy(metrics: dict[str, Any]) -> dict[str, Any]:
 
     out = {}
     for key, value in metrics.items():
-        name = common_framework(value=value)
-        out[key] = np.asarray(get_ops(name).to_numpy(value))
+        out[key] = np.asarray(backend_for(value=value).to_numpy(value))
     return out

@@ -1,0 +1,436 @@
+"""The backend base class and the framework registry (in the manner of einops' ``_backends``).
+
+A backend is one object per framework, defined in ``gategrad.backends.<name>`` (the only module
+that names that framework's API). :class:`Backend` gives NumPy-like defaults written against
+``self.xp``, the framework's own array namespace (``numpy``, ``torch``, ``jax.numpy``,
+``mlx.core``); a backend overrides only what differs, and implements the abstract methods that
+must differ (the custom-gradient primitive, conversion, autograd tooling). mypy refuses to
+instantiate a backend that leaves an abstract method out.
+
+Dispatch is lazy: the framework of an array is found through ``sys.modules`` (a framework can
+only have made the array if it is already imported), so ``import gategrad`` imports none.
+Adding a framework: one file in ``backends/`` and one line in :data:`_FRAMEWORKS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Array = Any  # an array of whichever framework the backend wraps
+DTypeName = str  # 'float16' | 'bfloat16' | 'float32' | 'float64'
+
+__all__ = [
+    "BACKENDS",
+    "Array",
+    "Backend",
+    "backend_for",
+    "common_framework",
+    "framework_of",
+    "get_backend",
+    "is_available",
+]
+
+#: name -> (module that must already be imported, name of its array type, pip extra).
+#: One registration line per framework; NumPy is checked last.
+_FRAMEWORKS: dict[str, tuple[str, str, str]] = {
+    "torch": ("torch", "Tensor", "torch"),
+    "jax": ("jax", "Array", "jax"),
+    "mlx": ("mlx.core", "array", "mlx"),
+    "numpy": ("numpy", "ndarray", ""),
+}
+BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
+MODES: tuple[str, ...] = ("eager", "compiled")
+
+
+class Backend(abc.ABC):
+    """One framework's array operations, custom-gradient primitive and tooling.
+
+    All reductions act along ``axis`` (default ``-1``). Defaults call ``self.xp`` with NumPy's
+    names and keywords (``axis``, ``keepdims``), which NumPy, PyTorch, JAX and MLX all accept;
+    a subclass overrides only where its framework differs.
+
+    | group | methods |
+    |---|---|
+    | math | ``exp``, ``log``, ``sqrt``, ``tanh``, ``sigmoid``, ``log_sigmoid``, ``logsumexp``, ``softmax`` |
+    | reductions | ``sum``, ``mean``, ``min``, ``max``, ``any`` |
+    | structure | ``where``, ``minimum``, ``maximum``, ``sort``, ``take``, ``take_along_axis``, ``concatenate``, ``reshape``, ``permute_dims``, ``tril`` |
+    | dtypes | ``dtype``, ``compute_dtype``, ``astype``, ``is_floating``, ``bool_mask``, ``as_index`` |
+    | gradients | ``scale_grad``, ``stop_gradient``, ``checkpoint`` |
+    | inspection | ``is_concrete``, ``nonzero_rows`` |
+    | conversion | ``to_numpy``, ``from_numpy`` |
+    | kernels | ``token_logps`` |
+    | tooling | ``compile``, ``value_and_grad``, ``vmap_value_and_grad``, ``vjp``, ``tree_map``, ``set_threads`` |
+    """
+
+    #: the registry name: 'numpy' | 'torch' | 'jax' | 'mlx'
+    name: str = ""
+    #: the framework's NumPy-like namespace
+    xp: Any = None
+    #: the framework's top-level module (``numpy``, ``torch``, ``jax``, ``mlx.core``)
+    framework: Any = None
+
+    # --- math (NumPy-like defaults) ---------------------------------------------------------
+    def exp(self, x: Array) -> Array:
+        return self.xp.exp(x)
+
+    def log(self, x: Array) -> Array:
+        """Natural log; ``log(0) = -inf`` without warnings."""
+        return self.xp.log(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return self.xp.sqrt(x)
+
+    def tanh(self, x: Array) -> Array:
+        return self.xp.tanh(x)
+
+    def sigmoid(self, x: Array) -> Array:
+        return self.xp.sigmoid(x)
+
+    def log_sigmoid(self, x: Array) -> Array:
+        """Numerically stable ``log(sigmoid(x)) = -softplus(-x)``."""
+        return -self.xp.logaddexp(self.xp.zeros_like(x), -x)
+
+    def logsumexp(self, x: Array, axis: int = -1) -> Array:
+        return self.xp.logsumexp(x, axis=axis)
+
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        return self.exp(x - self.logsumexp(x, axis=axis)[..., None])
+
+    # --- reductions ------------------------------------------------------------------------
+    def sum(self, x: Array, axis: int | None = -1, keepdims: bool = False) -> Array:
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        """Mean over ``axis``, or over every element when ``axis`` is ``None``."""
+        return self.xp.mean(x, axis=axis, keepdims=keepdims)
+
+    def min(self, x: Array, axis: int = -1) -> Array:
+        return self.xp.min(x, axis=axis)
+
+    def max(self, x: Array, axis: int = -1) -> Array:
+        return self.xp.max(x, axis=axis)
+
+    def any(self, x: Array) -> bool:
+        """Python bool of ``x.any()``; only called when :meth:`is_concrete` is true."""
+        return bool(self.xp.any(x))
+
+    # --- structure -------------------------------------------------------------------------
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
+        """Elementwise select; ``a`` or ``b`` may be a Python number (it takes the other's
+        dtype), never both."""
+        return self.xp.where(cond, a, b)
+
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        return self.xp.minimum(a, b)
+
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        return self.xp.maximum(a, b)
+
+    def sort(self, x: Array, axis: int = -1) -> Array:
+        return self.xp.sort(x, axis=axis)
+
+    def take(self, x: Array, idx: Array, axis: int = 0) -> Array:
+        """``x`` indexed by the integer array ``idx`` along ``axis`` (an embedding lookup)."""
+        return self.xp.take(x, idx, axis=axis)
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int = -1) -> Array:
+        return self.xp.take_along_axis(x, idx, axis=axis)
+
+    def concatenate(self, xs: Sequence[Array], axis: int = 0) -> Array:
+        return self.xp.concatenate(list(xs), axis=axis)
+
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
+        return x.reshape(shape)
+
+    def permute_dims(self, x: Array, axes: tuple[int, ...]) -> Array:
+        return self.xp.transpose(x, axes)
+
+    def tril_mask(self, n: int, like: Array) -> Array:
+        """Boolean lower-triangular ``(n, n)`` (``True`` on and below the diagonal)."""
+        return self.from_numpy(_np().tril(_np().ones((n, n), dtype=bool)), like=like)
+
+    def full_like(self, x: Array, value: float) -> Array:
+        return self.xp.full_like(x, value)
+
+    def isnan(self, x: Array) -> Array:
+        return self.xp.isnan(x)
+
+    def isfinite(self, x: Array) -> Array:
+        return self.xp.isfinite(x)
+
+    # --- dtypes ----------------------------------------------------------------------------
+    def dtype(self, name: DTypeName) -> Any:
+        """The framework's dtype called ``name`` (``'float32'``, ``'bfloat16'``, ``'int64'``...)."""
+        return getattr(self.xp, name)
+
+    def compute_dtype(self, x: Array) -> Any:
+        """``promote_types(x.dtype, float32)``: float64 stays float64, anything else is float32."""
+        return self.dtype("float64") if x.dtype == self.dtype("float64") else self.dtype("float32")
+
+    def astype(self, x: Array, dtype: Any) -> Array:
+        return x.astype(dtype)
+
+    @abc.abstractmethod
+    def is_floating(self, x: Array) -> bool: ...
+
+    def bool_mask(self, mask: Array) -> Array:
+        """``mask != 0`` as a boolean array."""
+        return mask if mask.dtype == self.dtype("bool_") else mask != 0
+
+    def as_index(self, x: Array) -> Array:
+        """An integer array in the dtype ``take_along_axis`` accepts as indices."""
+        return x
+
+    # --- gradients -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def scale_grad(self, x: Array, weight: Array) -> Array:
+        """Identity forward; backward ``grad_x = weight * grad_out`` (``weight`` is not
+        differentiated). ``weight`` broadcasts against ``x`` and has dtype
+        ``promote_types(x.dtype, float32)``; the cotangent is scaled in that precision and cast
+        back once."""
+
+    @abc.abstractmethod
+    def stop_gradient(self, x: Array) -> Array: ...
+
+    def checkpoint(self, fn: Callable[..., Array], *args: Array) -> Array:
+        """``fn(*args)``, recomputed in the backward instead of keeping its intermediates."""
+        return fn(*args)
+
+    # --- inspection ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def is_concrete(self, x: Array) -> bool:
+        """True when the values of ``x`` may be inspected now (eager mode, not traced or
+        compiled). The one rule per backend that every value check uses."""
+
+    def nonzero_rows(self, x: Array) -> list[int]:
+        """Flat indices where the boolean ``x`` is true, for error messages."""
+        return [int(i) for i in _np().flatnonzero(self.to_numpy(x))]
+
+    # --- conversion ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def to_numpy(self, x: Array) -> Any:
+        """A NumPy copy of ``x`` without gradient (bfloat16 widened to float32)."""
+
+    @abc.abstractmethod
+    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+        """A NumPy array (or scalar) as this framework's array, on the device of ``like``.
+
+        ``dtype`` names a floating dtype for floating input (``None`` keeps NumPy's); boolean
+        and integer arrays keep their kind.
+        """
+
+    def tree_to_numpy(self, tree: Any) -> Any:
+        """``tree`` (dict, list or tuple of arrays) with every leaf as ``np.ndarray``."""
+        if isinstance(tree, dict):
+            return {k: self.tree_to_numpy(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.tree_to_numpy(v) for v in tree)
+        return self.to_numpy(tree)
+
+    # --- kernels ---------------------------------------------------------------------------
+    def token_logps(
+        self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
+    ) -> Array:
+        """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` in ``cdtype``, ``(B, T)``.
+
+        ``labels`` are valid indices; ``chunk`` is ``(rows, cols)`` of one chunk of positions,
+        ``explicit`` whether the user chose it. Default: ``logsumexp`` chunk by chunk over
+        slices (right for arrays without autograd); frameworks with autograd override it with
+        a kernel whose gradient is one array.
+        """
+        from ._logps import chunked_logps
+
+        return chunked_logps(self, logits, labels, cdtype, *chunk)
+
+    # --- tooling (tests, lab, benchmarks) ---------------------------------------------------
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled by the framework (``torch.compile(fullgraph=True)``, ``jax.jit``,
+        ``mx.compile``); NumPy returns ``fn``."""
+        return fn
+
+    def value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        """``(fn(*args), (d fn / d args[i] for i in argnums))`` for a scalar-valued ``fn``;
+        ``mode='compiled'`` runs it under :meth:`compile`."""
+        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+
+    def vmap_value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Array],
+        argnums: Sequence[int] = (0,),
+        batched: Sequence[int] = (),
+        mode: str = "eager",
+    ) -> tuple[Any, tuple[Array, ...]]:
+        """Per-slice :meth:`value_and_grad` under the framework's ``vmap``: ``args[i]`` for ``i``
+        in ``batched`` carry a leading axis ``K`` mapped over; values ``(K,)`` and gradients
+        stacked along ``K``."""
+        raise NotImplementedError(f"backend {self.name!r} has no vmap")
+
+    def vjp(
+        self, fn: Callable[[Any], Array], primal: Any
+    ) -> tuple[Array, Callable[[Array], Any]]:
+        """``(fn(primal), pullback)`` where ``pullback(cot)`` is ``cot^T d fn / d primal``
+        (``primal`` a dict of arrays)."""
+        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+
+    def tree_map(self, fn: Callable[..., Array], *trees: dict[str, Array]) -> dict[str, Array]:
+        """``{k: fn(t0[k], t1[k], ...)}`` over dicts of arrays with the same keys."""
+        return {k: fn(*(t[k] for t in trees)) for k in trees[0]}
+
+    def evaluate(self, *arrays: Any) -> None:
+        """Force lazy computation (MLX's ``mx.eval``); a no-op elsewhere."""
+
+    def device_scope(self, dtype: DTypeName) -> contextlib.AbstractContextManager[None]:
+        """A context in which arrays of ``dtype`` can be computed (MLX float64: the CPU)."""
+        return contextlib.nullcontext()
+
+    def set_threads(self, n: int) -> int:
+        """Set the framework's intra-op thread count where it has one; returns the old one."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<gategrad backend {self.name!r}>"
+
+
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch
+
+_type_cache: dict[type, str | None] = {}
+_backends: dict[str, Backend] = {}
+
+
+def _detect(x: Any) -> str | None:
+    for name, (module, attr, _) in _FRAMEWORKS.items():
+        mod = sys.modules.get(module)
+        if mod is None:
+            continue
+        # isinstance, not issubclass: JAX tracers are jax.Array only through __instancecheck__.
+        if isinstance(x, getattr(mod, attr)):
+            return name
+    if isinstance(x, (float, int)) and not isinstance(x, bool):
+        return None  # Python scalars belong to no framework
+    tp = type(x)
+    raise TypeError(
+        f"gategrad cannot handle {tp.__module__}.{tp.__qualname__}: pass a torch.Tensor, "
+        "jax.Array, mlx.core.array or numpy.ndarray"
+    )
+
+
+def framework_of(x: Any) -> str | None:
+    """``'torch' | 'jax' | 'mlx' | 'numpy'`` for an array, ``None`` for a Python scalar.
+
+    Raises ``TypeError`` for anything else. The answer is cached per type.
+    """
+    tp = type(x)
+    try:
+        return _type_cache[tp]
+    except KeyError:
+        pass
+    name = _detect(x)
+    _type_cache[tp] = name
+    return name
+
+
+def common_framework(**arrays: Any) -> str:
+    """The one framework shared by the named arrays (``None`` and Python numbers are ignored).
+
+    Raises ``TypeError`` naming both frameworks when they are mixed, e.g. a torch tensor of
+    log-probs with a NumPy mask.
+    """
+    found: tuple[str, str] | None = None
+    for arg, x in arrays.items():
+        if x is None:
+            continue
+        name = framework_of(x)
+        if name is None:
+            continue
+        if found is None:
+            found = (name, arg)
+        elif found[0] != name:
+            raise TypeError(
+                f"mixed frameworks: {found[1]} is a {found[0]} array but {arg} is a {name} "
+                f"array; convert {arg} to {found[0]} first"
+            )
+    if found is None:
+        raise TypeError(
+            f"no array among {sorted(arrays)}: pass a torch.Tensor, jax.Array, "
+            "mlx.core.array or numpy.ndarray"
+        )
+    return found[0]
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object of framework ``name``, importing ``gategrad.backends.<name>`` on first
+    use.
+
+    Raises ``ValueError`` for an unknown name and ``ImportError`` naming the pip extra when the
+    framework is not installed.
+    """
+    try:
+        return _backends[name]
+    except (KeyError, TypeError):
+        pass
+    if name not in _FRAMEWORKS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    backend = _import_backend(name).backend
+    _backends[name] = backend
+    return backend
+
+
+def _import_backend(name: str) -> Any:
+    # Plain import statements, not importlib: torch.compile traces them when the first gated
+    # call happens inside a compiled region (importlib.import_module breaks the graph).
+    if name == "torch":
+        from gategrad.backends import torch as module
+    elif name == "jax":
+        from gategrad.backends import jax as module  # type: ignore[no-redef]
+    elif name == "mlx":
+        from gategrad.backends import mlx as module  # type: ignore[no-redef]
+    else:
+        from gategrad.backends import numpy as module  # type: ignore[no-redef]
+    return module
+
+
+def backend_for(**arrays: Any) -> Backend:
+    """The backend of the framework that the named arrays share (see :func:`common_framework`)."""
+    return get_backend(common_framework(**arrays))
+
+
+def load_imported() -> None:
+    """Load the backend of every framework that is already imported (so that, for example,
+    :class:`gategrad.Gate` is a JAX pytree as soon as JAX is loaded). Never imports a
+    framework."""
+    for name, (module, _, _) in _FRAMEWORKS.items():
+        if name not in _backends and module in sys.modules:
+            with contextlib.suppress(ImportError):
+                get_backend(name)
+
+
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can be imported here."""
+    try:
+        get_backend(name)
+    except ImportError:
+        return False
+    return True

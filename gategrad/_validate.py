@@ -1,0 +1,209 @@
+"""Input validation shared by the gate, the losses, :func:`gategrad.token_logps` and the metrics.
+
+Two kinds of check:
+
+- **static** (shapes, dtypes, parameters, mixed frameworks): always, also under tracing;
+- **value** (NaN, infinities, empty rows, zero lengths): only when the values may be inspected
+  now, i.e. value checks are enabled (:func:`value_checks`) *and* the backend says the array
+  is concrete (:meth:`gategrad._backend.Backend.is_concrete`, one rule per backend). Under
+  ``jax.jit``, ``torch.compile``, ``mx.compile`` or ``vmap`` they do not run.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the argument, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import TracebackType
+from typing import Any
+
+from ._backend import Array, Backend
+from ._gate import Gate
+
+__all__ = ["value_checks"]
+
+_CHECKS = {"enabled": os.environ.get("GATEGRAD_CHECKS", "1") != "0"}
+
+
+class value_checks:  # noqa: N801 - a function-like context manager, as torch.no_grad
+    """Turn the eager value checks (NaN, infinities, empty rows) on or off.
+
+    ``with gategrad.value_checks(False): ...`` turns them off inside the block and restores the
+    previous setting after it; ``gategrad.value_checks(False)`` alone sets it until changed;
+    ``bool(gategrad.value_checks())`` is the current setting. Checks cost one reduction and, on
+    an accelerator, one device sync per call. They never run under tracing (``jax.jit``,
+    ``torch.compile``, ``mx.compile``, ``vmap``). ``GATEGRAD_CHECKS=0`` turns them off at import.
+    """
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self._previous = _CHECKS["enabled"]
+        if enabled is not None:
+            if not isinstance(enabled, bool):
+                raise TypeError(f"value_checks(enabled) takes a bool or None, got {enabled!r}")
+            _CHECKS["enabled"] = enabled
+
+    def __bool__(self) -> bool:
+        return _CHECKS["enabled"]
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self) == other if isinstance(other, bool) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bool(self))
+
+    def __repr__(self) -> str:
+        return f"value_checks({bool(self)})"
+
+    def __enter__(self) -> value_checks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _CHECKS["enabled"] = self._previous
+
+
+def inspectable(backend: Backend, *xs: Array) -> bool:
+    """Whether value checks may look at ``xs`` now: enabled, and every array concrete."""
+    return _CHECKS["enabled"] and all(backend.is_concrete(x) for x in xs)
+
+
+def require_gate(gate: Any, name: str = "gate") -> Gate:
+    if not isinstance(gate, Gate):
+        raise TypeError(f"{name} must be a gategrad.Gate, got {type(gate).__name__}")
+    return gate
+
+
+def require_floating(backend: Backend, x: Array, name: str) -> None:
+    if not backend.is_floating(x):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def require_shape(x: Array, shape: tuple[int, ...], name: str, other: str) -> None:
+    """``x.shape == shape`` or ``ValueError`` saying what it must match."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but {other} has shape {tuple(shape)}; "
+            "they must match"
+        )
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def positive_number(name: str, value: Any, *, allow_array: bool = True) -> None:
+    """A finite number ``> 0`` (arrays pass unchecked when ``allow_array``)."""
+    if is_number(value):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    elif isinstance(value, bool) or value is None or not allow_array:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def rows(backend: Backend, bad: Array) -> str:
+    """``'row 3'`` or ``'rows 0, 4, ...'`` for the true entries of ``bad`` ``(B,)``."""
+    found = backend.nonzero_rows(bad)
+    shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+    return f"row{'s' if len(found) > 1 else ''} {shown}"
+
+
+def _per_row(backend: Backend, bad: Array) -> Array:
+    return bad if bad.ndim == 1 else backend.sum(backend.astype(bad, backend.dtype("int32")), axis=-1) > 0
+
+
+def check_log_probs(
+    backend: Backend,
+    x: Array,
+    name: str,
+    *,
+    mask: Array | None = None,
+    allow_neg_inf: bool = True,
+    hint: str = "check the model's logits and the loss upstream",
+) -> None:
+    """NaN or ``+inf`` (and ``-inf`` unless ``allow_neg_inf``) inside ``mask`` raise
+    ``ValueError`` naming the rows (value check)."""
+    if not inspectable(backend, x):
+        return
+    bad = backend.isnan(x) | (x == float("inf"))
+    if not allow_neg_inf:
+        bad = bad | (x == float("-inf"))
+    if mask is not None and x.ndim == 2:
+        bad = bad & mask
+    if backend.any(bad):
+        what = "NaN or +inf" if allow_neg_inf else "NaN or +-inf"
+        allowed = "finite or -inf" if allow_neg_inf else "finite"
+        raise ValueError(
+            f"{name} holds {what} at {rows(backend, _per_row(backend, bad))}; log-probs must be "
+            f"{allowed}: {hint}"
+        )
+
+
+def check_counts(backend: Backend, counts: Array, name: str) -> None:
+    """Token counts ``(B,)`` must be ``> 0`` (value check)."""
+    if not inspectable(backend, counts):
+        return
+    bad = ~(counts > 0)
+    if backend.any(bad):
+        raise ValueError(
+            f"{name} has no tokens at {rows(backend, bad)}; every response needs at least one "
+            "token (drop empty responses from the batch)"
+        )
+
+
+def check_mask_rows(backend: Backend, mask: Array, name: str) -> None:
+    """A boolean ``(B, T)`` mask needs one true entry per row (value check)."""
+    if not inspectable(backend, mask):
+        return
+    empty = backend.sum(backend.astype(mask, backend.dtype("int32")), axis=-1) == 0
+    if backend.any(empty):
+        raise ValueError(
+            f"{name} is all zero in {rows(backend, empty)}; every response needs at least one "
+            "token (drop empty responses from the batch)"
+        )
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+
+
+def check_broadcast(weight_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
+    """``weight`` must broadcast against ``x`` without adding dimensions."""
+    problem = None
+    if len(weight_shape) > len(x_shape):
+        problem = f"of shape {weight_shape} has more dimensions than x {x_shape}"
+    else:
+        for a, b in zip(reversed(weight_shape), reversed(x_shape), strict=False):
+            if a not in (1, b):
+                problem = f"of shape {weight_shape} does not broadcast against x of shape {x_shape}"
+                break
+    if problem:
+        raise ValueError(f"weight {problem}; reshape it to broadcast against x")
+
+
+def check_logits_labels(
+    backend: Backend, logits: Array, labels: Array, mask: Array | None
+) -> None:
+    """Static checks of ``(B, T, V)`` logits with ``(B, T)`` integer labels and mask."""
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    require_floating(backend, logits, "logits")
+    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match logits "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    if backend.is_floating(labels):
+        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
+            "they must match (B, T)"
+        )
