@@ -114,7 +114,9 @@ class JaxBackend(Backend):
             x = x.astype(jnp.float32)
         return np.asarray(x)
 
-    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+    def from_numpy(
+        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
+    ) -> Array:
         a = np.asarray(a)
         if dtype is not None and np.issubdtype(a.dtype, np.floating):
             if dtype == "float64" and not jax.config.read("jax_enable_x64"):
@@ -166,14 +168,12 @@ class JaxBackend(Backend):
         value, grads = (self.compile(run) if mode == "compiled" else run)(*args)
         return value, tuple(grads)
 
-    def vjp(
-        self, fn: Callable[[Any], Array], primal: Any
-    ) -> tuple[Array, Callable[[Array], Any]]:
+    def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         out, pullback = jax.vjp(fn, primal)
         return out, lambda cot: pullback(cot)[0]
 
     def tree_map(self, fn: Callable[..., Array], *trees: dict[str, Array]) -> dict[str, Array]:
-        return jax.tree_util.tree_map(fn, *trees)  # type: ignore[no-any-return]
+        return jax.tree_util.tree_map(fn, *trees)
 
 
 backend = JaxBackend()

@@ -106,7 +106,9 @@ class MlxBackend(Backend):
             x = x.astype(mx.float32)
         return np.array(x)
 
-    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+    def from_numpy(
+        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
+    ) -> Array:
         # mx.array(float64 ndarray) silently becomes float32 unless the dtype is explicit
         a = np.asarray(a)
         if not np.issubdtype(a.dtype, np.floating):
@@ -163,9 +165,7 @@ class MlxBackend(Backend):
         mx.eval(value, *grads)
         return value, tuple(grads)
 
-    def vjp(
-        self, fn: Callable[[Any], Array], primal: Any
-    ) -> tuple[Array, Callable[[Array], Any]]:
+    def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         out = fn(primal)
 
         def pullback(cot: Array) -> Any:

@@ -75,7 +75,9 @@ class NumpyBackend(Backend):
     def to_numpy(self, x: Array) -> Any:
         return np.asarray(x)
 
-    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+    def from_numpy(
+        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
+    ) -> Array:
         a = np.asarray(a)
         if dtype is not None and np.issubdtype(a.dtype, np.floating):
             return a.astype(self.dtype(dtype))

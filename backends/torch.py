@@ -39,7 +39,7 @@ class _ScaleGrad(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
@@ -47,7 +47,7 @@ class _ScaleGrad(torch.autograd.Function):
         ctx.save_for_backward(inputs[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (weight,) = ctx.saved_tensors
         return (grad.to(weight.dtype) * weight).to(grad.dtype), None
 
@@ -60,7 +60,7 @@ class _ChunkLogps(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(block: Any, idx: Any, dtype: Any) -> Any:  # type: ignore[override]
+    def forward(block: Any, idx: Any, dtype: Any) -> Any:
         out = block.log_softmax(-1, dtype=dtype).gather(-1, idx)[..., 0]
         return out, block.gather(-1, idx)[..., 0].to(dtype) - out
 
@@ -72,7 +72,7 @@ class _ChunkLogps(torch.autograd.Function):
         ctx.save_for_backward(block, idx, lse)
 
     @staticmethod
-    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:
         # d out / d block = onehot(idx) - softmax(block)
         block, idx, lse = ctx.saved_tensors
         g = grad[..., None]
@@ -186,7 +186,9 @@ class TorchBackend(Backend):
             x = x.float()
         return x.cpu().numpy()
 
-    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+    def from_numpy(
+        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
+    ) -> Array:
         a = np.asarray(a)
         t = torch.from_numpy(np.ascontiguousarray(a))
         if dtype is not None and np.issubdtype(a.dtype, np.floating):
@@ -256,9 +258,7 @@ class TorchBackend(Backend):
         grads, value = (self.compile(run) if mode == "compiled" else run)(*args)
         return value, tuple(grads)
 
-    def vjp(
-        self, fn: Callable[[Any], Array], primal: Any
-    ) -> tuple[Array, Callable[[Array], Any]]:
+    def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         leaves = {k: v.detach().requires_grad_(True) for k, v in primal.items()}
         out = fn(leaves)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from . import _source_tree
 from ._attach import attach
 from ._backend import BACKENDS, Backend, framework_of, get_backend, is_available
 from ._core import (
@@ -73,8 +72,6 @@ __all__ = [
     "token_logps",
     "value_checks",
 ]
-
-_source_tree.register(__name__, __file__)  # a source checkout: backends/ -> gategrad.backends
 
 _SUBMODULES = ("integrations", "lab", "losses", "metrics", "testing", "torch")
 #: Old names kept for compatibility: name -> (new name, what to use instead).

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ._core import gate_rejected
-from ._validate import require_gate
 from ._gate import Gate
+from ._validate import require_gate
 
 __all__ = ["attach"]
 

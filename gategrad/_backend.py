@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import _source_tree
+
 Array = Any  # an array of whichever framework the backend wraps
 DTypeName = str  # 'float16' | 'bfloat16' | 'float32' | 'float64'
 
@@ -34,14 +36,13 @@ __all__ = [
     "is_available",
 ]
 
-#: name -> (module that must already be imported, name of its array type, pip extra).
-#: One registration line per framework; NumPy is checked last.
-_FRAMEWORKS: dict[str, tuple[str, str, str]] = {
-    "torch": ("torch", "Tensor", "torch"),
-    "jax": ("jax", "Array", "jax"),
-    "mlx": ("mlx.core", "array", "mlx"),
-    "numpy": ("numpy", "ndarray", ""),
-}
+
+# The registry (one line per framework) lives in the backends package, which imports no
+# framework: ``gategrad.backends.REGISTRY``. From a source checkout, backends/ is registered as
+# gategrad.backends first (see _source_tree).
+_source_tree.register()
+from gategrad.backends import REGISTRY as _FRAMEWORKS  # noqa: E402
+
 BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
 MODES: tuple[str, ...] = ("eager", "compiled")
 
@@ -55,15 +56,16 @@ class Backend(abc.ABC):
 
     | group | methods |
     |---|---|
-    | math | ``exp``, ``log``, ``sqrt``, ``tanh``, ``sigmoid``, ``log_sigmoid``, ``logsumexp``, ``softmax`` |
-    | reductions | ``sum``, ``mean``, ``min``, ``max``, ``any`` |
-    | structure | ``where``, ``minimum``, ``maximum``, ``sort``, ``take``, ``take_along_axis``, ``concatenate``, ``reshape``, ``permute_dims``, ``tril`` |
-    | dtypes | ``dtype``, ``compute_dtype``, ``astype``, ``is_floating``, ``bool_mask``, ``as_index`` |
-    | gradients | ``scale_grad``, ``stop_gradient``, ``checkpoint`` |
-    | inspection | ``is_concrete``, ``nonzero_rows`` |
-    | conversion | ``to_numpy``, ``from_numpy`` |
-    | kernels | ``token_logps`` |
-    | tooling | ``compile``, ``value_and_grad``, ``vmap_value_and_grad``, ``vjp``, ``tree_map``, ``set_threads`` |
+    | math | `exp` `log` `sqrt` `tanh` `sigmoid` `log_sigmoid` `logsumexp` `softmax` |
+    | reductions | `sum` `mean` `min` `max` `any` |
+    | selection | `where` `minimum` `maximum` `sort` `take` `take_along_axis` |
+    | layout | `concatenate` `reshape` `permute_dims` `tril_mask` `full_like` |
+    | dtypes | `dtype` `compute_dtype` `astype` `is_floating` `bool_mask` `as_index` |
+    | gradients | `scale_grad` `stop_gradient` `checkpoint` |
+    | inspection | `is_concrete` `nonzero_rows` |
+    | conversion | `to_numpy` `from_numpy` `tree_to_numpy` |
+    | kernels | `token_logps` |
+    | tooling | `compile` `value_and_grad` `vmap_value_and_grad` `vjp` `tree_map` |
     """
 
     #: the registry name: 'numpy' | 'torch' | 'jax' | 'mlx'
@@ -216,7 +218,9 @@ class Backend(abc.ABC):
         """A NumPy copy of ``x`` without gradient (bfloat16 widened to float32)."""
 
     @abc.abstractmethod
-    def from_numpy(self, a: Any, like: Array | None = None, dtype: DTypeName | None = None) -> Array:
+    def from_numpy(
+        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
+    ) -> Array:
         """A NumPy array (or scalar) as this framework's array, on the device of ``like``.
 
         ``dtype`` names a floating dtype for floating input (``None`` keeps NumPy's); boolean
@@ -276,9 +280,7 @@ class Backend(abc.ABC):
         stacked along ``K``."""
         raise NotImplementedError(f"backend {self.name!r} has no vmap")
 
-    def vjp(
-        self, fn: Callable[[Any], Array], primal: Any
-    ) -> tuple[Array, Callable[[Array], Any]]:
+    def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         """``(fn(primal), pullback)`` where ``pullback(cot)`` is ``cot^T d fn / d primal``
         (``primal`` a dict of arrays)."""
         raise NotImplementedError(f"backend {self.name!r} has no autograd")
@@ -287,7 +289,7 @@ class Backend(abc.ABC):
         """``{k: fn(t0[k], t1[k], ...)}`` over dicts of arrays with the same keys."""
         return {k: fn(*(t[k] for t in trees)) for k in trees[0]}
 
-    def evaluate(self, *arrays: Any) -> None:
+    def evaluate(self, *arrays: Any) -> None:  # noqa: B027 - a default, not abstract
         """Force lazy computation (MLX's ``mx.eval``); a no-op elsewhere."""
 
     def device_scope(self, dtype: DTypeName) -> contextlib.AbstractContextManager[None]:
@@ -321,7 +323,7 @@ _backends: dict[str, Backend] = {}
 
 
 def _detect(x: Any) -> str | None:
-    for name, (module, attr, _) in _FRAMEWORKS.items():
+    for name, (module, attr, _, _) in _FRAMEWORKS.items():
         mod = sys.modules.get(module)
         if mod is None:
             continue
@@ -393,23 +395,9 @@ def get_backend(name: str) -> Backend:
         pass
     if name not in _FRAMEWORKS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    backend = _import_backend(name).backend
+    backend: Backend = _FRAMEWORKS[name][3]().backend
     _backends[name] = backend
     return backend
-
-
-def _import_backend(name: str) -> Any:
-    # Plain import statements, not importlib: torch.compile traces them when the first gated
-    # call happens inside a compiled region (importlib.import_module breaks the graph).
-    if name == "torch":
-        from gategrad.backends import torch as module
-    elif name == "jax":
-        from gategrad.backends import jax as module  # type: ignore[no-redef]
-    elif name == "mlx":
-        from gategrad.backends import mlx as module  # type: ignore[no-redef]
-    else:
-        from gategrad.backends import numpy as module  # type: ignore[no-redef]
-    return module
 
 
 def backend_for(**arrays: Any) -> Backend:
@@ -421,7 +409,7 @@ def load_imported() -> None:
     """Load the backend of every framework that is already imported (so that, for example,
     :class:`gategrad.Gate` is a JAX pytree as soon as JAX is loaded). Never imports a
     framework."""
-    for name, (module, _, _) in _FRAMEWORKS.items():
+    for name, (module, _, _, _) in _FRAMEWORKS.items():
         if name not in _backends and module in sys.modules:
             with contextlib.suppress(ImportError):
                 get_backend(name)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ._gate import Gate
 from ._backend import Array, Backend
+from ._gate import Gate
 
 
 def _log_param(value: Any, ops: Backend) -> Any:

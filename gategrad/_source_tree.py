@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 
-def register(package: str, package_file: str) -> None:
-    """Register ``<repo>/backends`` as ``<package>.backends`` when it is not a subfolder."""
-    here = Path(package_file).resolve().parent
+def register() -> None:
+    """Register ``<repo>/backends`` as ``gategrad.backends`` when it is not a subfolder."""
+    here = Path(__file__).resolve().parent
+    package = __name__.rpartition(".")[0]
     name = f"{package}.backends"
     if name in sys.modules or (here / "backends" / "__init__.py").is_file():
         return
@@ -32,4 +33,4 @@ def register(package: str, package_file: str) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    setattr(sys.modules[package], "backends", module)
+    sys.modules[package].backends = module

@@ -36,15 +36,16 @@ class value_checks:  # noqa: N801 - a function-like context manager, as torch.no
     ``torch.compile``, ``mx.compile``, ``vmap``). ``GATEGRAD_CHECKS=0`` turns them off at import.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | value_checks | None = None) -> None:
         self._previous = _CHECKS["enabled"]
         if enabled is not None:
-            if not isinstance(enabled, bool):
+            if not isinstance(enabled, (bool, value_checks)):
                 raise TypeError(f"value_checks(enabled) takes a bool or None, got {enabled!r}")
-            _CHECKS["enabled"] = enabled
+            _CHECKS["enabled"] = bool(enabled)
+        self._value = _CHECKS["enabled"]  # the setting this call left, as a bool
 
     def __bool__(self) -> bool:
-        return _CHECKS["enabled"]
+        return self._value
 
     def __eq__(self, other: object) -> bool:
         return bool(self) == other if isinstance(other, bool) else NotImplemented
@@ -113,7 +114,11 @@ def rows(backend: Backend, bad: Array) -> str:
 
 
 def _per_row(backend: Backend, bad: Array) -> Array:
-    return bad if bad.ndim == 1 else backend.sum(backend.astype(bad, backend.dtype("int32")), axis=-1) > 0
+    return (
+        bad
+        if bad.ndim == 1
+        else backend.sum(backend.astype(bad, backend.dtype("int32")), axis=-1) > 0
+    )
 
 
 def check_log_probs(
@@ -188,9 +193,7 @@ def check_broadcast(weight_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> 
         raise ValueError(f"weight {problem}; reshape it to broadcast against x")
 
 
-def check_logits_labels(
-    backend: Backend, logits: Array, labels: Array, mask: Array | None
-) -> None:
+def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Array | None) -> None:
     """Static checks of ``(B, T, V)`` logits with ``(B, T)`` integer labels and mask."""
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")

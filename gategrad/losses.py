@@ -1,21 +1,23 @@
 """The DPO loss family, written once against :class:`gategrad._backend.Backend`.
 
 Every loss here runs on NumPy, PyTorch, JAX and MLX arrays alike. Each loss type is declared
-once, in the registry :data:`gategrad._loss_registry.LOSSES` (parameters, formula, rewards). Notation: ``pi_w = log pi(y_w | x)`` and ``pi_l = log pi(y_l | x)`` are the policy's
-summed log-probs of the chosen and rejected responses, ``ref_w``/``ref_l`` the reference
-model's, ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``|y|`` a response's token count and
+once, in the registry :data:`gategrad._loss_registry.LOSSES` (parameters, formula, rewards).
+Notation: ``pi_w = log pi(y_w | x)`` and ``pi_l = log pi(y_l | x)`` are the policy's summed
+log-probs of the chosen and rejected responses, ``ref_w``/``ref_l`` the reference
+model's, ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``n_w``, ``n_l`` the responses' token
+counts and
 ``ls(z) = log sigmoid(z)``. Per example:
 
-===============  ===========================================================================
-``sigmoid``      ``-(1 - eps) ls(beta (h_w - h_l)) - eps ls(-beta (h_w - h_l))``  (DPO; eps=0)
-``ipo``          ``(h_w / |y_w| - h_l / |y_l| - 1 / (2 beta))^2``  (length-normalised, as TRL)
-``cal_dpo``      ``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2``
-``dpo_shift``    ``-ls(beta h_w - lam beta h_l)``
-``simpo``        ``-ls(beta pi_w / |y_w| - beta pi_l / |y_l| - gamma)``  (no reference)
-``dpop``         ``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))``
-``hinge``        ``max(0, 1 - beta (h_w - h_l))``
-``robust``       ``(-(1 - eps) ls(beta (h_w - h_l)) + eps ls(-beta (h_w - h_l))) / (1 - 2 eps)``
-===============  ===========================================================================
+| loss type | per-example loss |
+|---|---|
+| ``sigmoid`` | ``-(1 - eps) ls(beta (h_w - h_l)) - eps ls(-beta (h_w - h_l))``  (DPO; eps=0) |
+| ``ipo`` | ``(h_w / n_w - h_l / n_l - 1 / (2 beta))^2``  (length-normalised, as TRL) |
+| ``cal_dpo`` | ``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2`` |
+| ``dpo_shift`` | ``-ls(beta h_w - lam beta h_l)`` |
+| ``simpo`` | ``-ls(beta pi_w / n_w - beta pi_l / n_l - gamma)``  (no reference) |
+| ``dpop`` | ``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))`` |
+| ``hinge`` | ``max(0, 1 - beta (h_w - h_l))`` |
+| ``robust`` | ``(-(1 - eps) ls(beta (h_w - h_l)) + eps ls(-beta (h_w - h_l))) / (1 - 2 eps)`` |
 
 The loss is the batch mean, plus ``sft_weight * mean(-pi_w / |y_w|)`` when ``sft_weight > 0``
 (the RPO-style NLL term). See ``docs/losses.md`` for the sources.
@@ -46,7 +48,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, cast
 
 from . import _validate as check
 from ._backend import Array, Backend, backend_for
@@ -404,7 +406,6 @@ def preference_loss(
     return loss, metrics
 
 
-
 # --------------------------------------------------------------------------------------------
 # one typed function per loss type: its own parameters by name, the shared ones as LossOptions
 
@@ -430,7 +431,9 @@ def _named(loss_type: str) -> Callable[[Callable[_P, None]], NamedLoss[_P]]:
 
     def wrap(stub: Callable[_P, None]) -> NamedLoss[_P]:
         own = inspect.signature(stub).parameters
-        declared = {k: v.default for k, v in own.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+        declared = {
+            k: v.default for k, v in own.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
+        }
         if declared != spec.defaults:
             raise AssertionError(f"{stub.__name__}: {declared} != registry {spec.defaults}")
 
@@ -457,7 +460,7 @@ def _named(loss_type: str) -> Callable[[Callable[_P, None]], NamedLoss[_P]]:
         loss.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [*_ARRAYS, *keywords], return_annotation="tuple[Array, dict[str, Array]]"
         )
-        return loss
+        return cast("NamedLoss[_P]", loss)  # a real signature is set just above
 
     return wrap
 

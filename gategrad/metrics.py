@@ -15,8 +15,8 @@ up in where the model puts its probability mass. For each response, under teache
 Squeezing: ``argmax_logp`` and ``top1`` rise while ``entropy``, ``except_argmax`` and the
 log-probs of most other responses fall.
 
-Every function is written once against the backend (:class:`gategrad._backend.Backend`), so it runs on
-NumPy, PyTorch, JAX and MLX arrays; results carry no gradient and are computed in
+Every function is written once against the backend (:class:`gategrad._backend.Backend`), so it
+runs on NumPy, PyTorch, JAX and MLX arrays; results carry no gradient and are computed in
 ``promote_types(dtype, float32)``.
 """
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from ._backend import get_backend
 from ._core import GateStats, broadcast_weight, gate_weights, scale_grad
-from ._dispatch import get_ops
 from ._gate import Gate
 
 __all__ = ["GateHook", "hook"]
@@ -156,7 +156,7 @@ class GateHook:
         self.on_stats = on_stats
         self.last_stats: GateStats | None = None
         self.calls = 0
-        get_ops("torch")
+        get_backend("torch")
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     # -- public -----------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class GateHook:
             rej_lp, rej_mask = rej_lp[nonempty], rej_mask[nonempty]
         stats = gate_weights(rej_lp, self.gate, rej_mask)
         wdtype = stats.weight.dtype
-        ops = get_ops("torch")
+        ops = get_backend("torch")
         rej_weight = broadcast_weight(ops, rej_lp, stats)  # (R', 1) or (R', T)
         if not all_nonempty:
             filled = torch.ones(

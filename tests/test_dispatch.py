@@ -79,7 +79,7 @@ def test_mixed_frameworks_raise_type_error_naming_both(a: str, b: str) -> None:
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "mlx"])
 def test_dispatch_finds_framework_and_caches_per_type(backend: str) -> None:
     skip_unless(backend)
-    from gategrad import _dispatch
+    from gategrad import _backend as _dispatch
 
     x = from_numpy(backend, np.zeros(3), "float32")
     assert gategrad.framework_of(x) == backend
@@ -96,3 +96,25 @@ def test_torch_parameter_and_subclass_dispatch_to_torch() -> None:
     y = gate_rejected(p, Gate())
     y.sum().backward()
     assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_first_calls_inside_torch_compile_fullgraph_in_a_fresh_process(tmp_path) -> None:
+    """The backend is loaded, and the token-log-prob kernel used, for the first time inside a
+    ``torch.compile(fullgraph=True)`` region: no graph break (plain import statements, autograd
+    Functions defined at import)."""
+    pytest.importorskip("torch")
+    code = (
+        "import torch, gategrad\n"
+        "@torch.compile(fullgraph=True)\n"
+        "def f(logits, labels):\n"
+        "    lp, mask = gategrad.token_logps(logits, labels)\n"
+        "    return gategrad.gate_rejected(lp, gategrad.Gate(), mask).sum()\n"
+        "x = torch.randn(2, 5, 7, requires_grad=True)\n"
+        "f(x, torch.randint(0, 7, (2, 5))).backward()\n"
+        "print(bool(torch.isfinite(x.grad).all()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

@@ -50,7 +50,7 @@ def test_per_sequence_errors(backend: str) -> None:
     x = _x(backend, [-3.0, -4.0])
     with pytest.raises(ValueError, match="need lengths="):
         gate_rejected(x, Gate())
-    with pytest.raises(ValueError, match=r"lengths must be > 0, but row 1"):
+    with pytest.raises(ValueError, match=r"lengths has no tokens at row 1"):
         gate_rejected(x, Gate(), lengths=_x(backend, [2.0, 0.0]))
     with pytest.raises(ValueError, match=r"lengths has shape \(3,\)"):
         gate_rejected(x, Gate(), lengths=_x(backend, [2.0, 1.0, 1.0]))
