@@ -10,7 +10,7 @@ core registers it by importing this module once JAX is loaded (:func:`gategrad.g
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -21,7 +21,7 @@ except ImportError as err:  # pragma: no cover - exercised only without jax
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, check_mode
+from gategrad._backend import Array, Backend, DTypeName, GradJob
 from gategrad._gate import NUMERIC_FIELDS, STATIC_FIELDS, Gate
 
 
@@ -114,17 +114,10 @@ class JaxBackend(Backend):
             x = x.astype(jnp.float32)
         return np.asarray(x)
 
-    def from_numpy(
-        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
-    ) -> Array:
-        a = np.asarray(a)
-        if dtype is not None and np.issubdtype(a.dtype, np.floating):
-            if dtype == "float64" and not jax.config.read("jax_enable_x64"):
-                raise RuntimeError(
-                    "float64 JAX arrays need jax.config.update('jax_enable_x64', True) first"
-                )
-            return jnp.asarray(a.astype(np.float64), dtype=jnp.dtype(dtype))
-        return jnp.asarray(a)
+    def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
+        if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+            raise RuntimeError("float64 JAX arrays need jax.config.update('jax_enable_x64', True)")
+        return jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=jnp.dtype(dtype))
 
     def token_logps(
         self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
@@ -142,30 +135,14 @@ class JaxBackend(Backend):
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return jax.jit(fn)
 
-    def value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        vg = jax.value_and_grad(fn, argnums=tuple(argnums))
-        value, grads = (self.compile(vg) if mode == "compiled" else vg)(*args)
+    def _value_and_grad(self, job: GradJob) -> Any:
+        run = self._maybe_compile(jax.value_and_grad(job.fn, argnums=job.argnums), job)
+        value, grads = run(*job.args)
         return value, tuple(grads)
 
-    def vmap_value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        batched: Sequence[int] = (),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        axes = [0 if i in batched else None for i in range(len(args))]
-        run = jax.vmap(jax.value_and_grad(fn, argnums=tuple(argnums)), in_axes=axes)
-        value, grads = (self.compile(run) if mode == "compiled" else run)(*args)
+    def _vmap_value_and_grad(self, job: GradJob) -> Any:
+        run = jax.vmap(jax.value_and_grad(job.fn, argnums=job.argnums), in_axes=list(job.axes))
+        value, grads = self._maybe_compile(run, job)(*job.args)
         return value, tuple(grads)
 
     def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:

@@ -9,7 +9,7 @@ on the CPU only; on Metal use float32 or bfloat16.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 try:
@@ -22,7 +22,7 @@ except ImportError as err:  # pragma: no cover - exercised only without mlx
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, check_mode
+from gategrad._backend import Array, Backend, DTypeName, GradJob
 
 
 @mx.custom_function
@@ -46,15 +46,20 @@ def _scale_grad_vjp(
 _TRACING = "function transformations"
 
 
+def _evaluated(value: Any, grads: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(value, grads)`` evaluated, with ``grads`` always a tuple (MLX returns a bare array for
+    one argnum)."""
+    grads = tuple(grads) if isinstance(grads, (list, tuple)) else (grads,)
+    mx.eval(value, *grads)
+    return value, grads
+
+
 class MlxBackend(Backend):
     """:class:`gategrad._backend.Backend` for ``mlx.core.array``."""
 
     name = "mlx"
     xp = mx
     framework = mx
-
-    def sigmoid(self, x: Array) -> Array:
-        return mx.sigmoid(x)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         return mx.softmax(x, axis=axis, precise=True)
@@ -106,16 +111,13 @@ class MlxBackend(Backend):
             x = x.astype(mx.float32)
         return np.array(x)
 
-    def from_numpy(
-        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
-    ) -> Array:
-        # mx.array(float64 ndarray) silently becomes float32 unless the dtype is explicit
-        a = np.asarray(a)
+    def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
         if not np.issubdtype(a.dtype, np.floating):
             return mx.array(a)
-        if dtype is None:
+        if dtype is None:  # keep float64 only where `like` is float64 (Metal has none)
             keep64 = a.dtype == np.float64 and (like is None or like.dtype == mx.float64)
             dtype = "float64" if keep64 else "float32"
+        # mx.array(float64 ndarray) silently becomes float32 unless the dtype is explicit
         if dtype == "float64":
             return mx.array(a.astype(np.float64), dtype=mx.float64)
         return mx.array(a.astype(np.float32)).astype(getattr(mx, dtype))
@@ -135,35 +137,13 @@ class MlxBackend(Backend):
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return mx.compile(fn)
 
-    def value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        vg = mx.value_and_grad(fn, argnums=list(argnums))
-        value, grads = (self.compile(vg) if mode == "compiled" else vg)(*args)
-        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
-        mx.eval(value, *grads)
-        return value, tuple(grads)
+    def _value_and_grad(self, job: GradJob) -> Any:
+        run = self._maybe_compile(mx.value_and_grad(job.fn, argnums=list(job.argnums)), job)
+        return _evaluated(*run(*job.args))
 
-    def vmap_value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        batched: Sequence[int] = (),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        axes = tuple(0 if i in batched else None for i in range(len(args)))
-        run = mx.vmap(mx.value_and_grad(fn, argnums=list(argnums)), in_axes=axes)
-        value, grads = (self.compile(run) if mode == "compiled" else run)(*args)
-        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
-        mx.eval(value, *grads)
-        return value, tuple(grads)
+    def _vmap_value_and_grad(self, job: GradJob) -> Any:
+        run = mx.vmap(mx.value_and_grad(job.fn, argnums=list(job.argnums)), in_axes=job.axes)
+        return _evaluated(*self._maybe_compile(run, job)(*job.args))
 
     def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         out = fn(primal)

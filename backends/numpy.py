@@ -75,13 +75,8 @@ class NumpyBackend(Backend):
     def to_numpy(self, x: Array) -> Any:
         return np.asarray(x)
 
-    def from_numpy(
-        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
-    ) -> Array:
-        a = np.asarray(a)
-        if dtype is not None and np.issubdtype(a.dtype, np.floating):
-            return a.astype(self.dtype(dtype))
-        return a
+    def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
+        return a if dtype is None else a.astype(self.dtype(dtype))
 
 
 backend = NumpyBackend()

@@ -12,7 +12,7 @@ dynamo cannot build a class).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, check_mode
+from gategrad._backend import Array, Backend, DTypeName, GradJob
 
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
@@ -106,9 +106,6 @@ class TorchBackend(Backend):
     xp = torch
     framework = torch
 
-    def sigmoid(self, x: Array) -> Array:
-        return torch.sigmoid(x)
-
     def log_sigmoid(self, x: Array) -> Array:
         return torch.nn.functional.logsigmoid(x)
 
@@ -186,13 +183,9 @@ class TorchBackend(Backend):
             x = x.float()
         return x.cpu().numpy()
 
-    def from_numpy(
-        self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
-    ) -> Array:
-        a = np.asarray(a)
+    def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
         t = torch.from_numpy(np.ascontiguousarray(a))
-        if dtype is not None and np.issubdtype(a.dtype, np.floating):
-            t = t.to(_DTYPES[dtype])
+        t = t if dtype is None else t.to(_DTYPES[dtype])
         return t if like is None else t.to(like.device)
 
     def token_logps(
@@ -223,39 +216,22 @@ class TorchBackend(Backend):
         torch._dynamo.reset()
         return torch.compile(fn, fullgraph=True, dynamic=False)
 
-    def value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        argnums = tuple(argnums)
-        run = self.compile(fn) if mode == "compiled" else fn
+    def _value_and_grad(self, job: GradJob) -> Any:
         args = [
-            a.detach().clone().requires_grad_(True) if i in argnums else a
-            for i, a in enumerate(args)
+            a.detach().clone().requires_grad_(True) if i in job.argnums else a
+            for i, a in enumerate(job.args)
         ]
-        value = run(*args)
-        grads = torch.autograd.grad(value, [args[i] for i in argnums], allow_unused=True)
+        value = self._maybe_compile(job.fn, job)(*args)
+        grads = torch.autograd.grad(value, [args[i] for i in job.argnums], allow_unused=True)
+        zeros = [torch.zeros_like(args[i]) for i in job.argnums]
         return value.detach(), tuple(
-            torch.zeros_like(args[i]) if g is None else g
-            for i, g in zip(argnums, grads, strict=True)
+            z if g is None else g for z, g in zip(zeros, grads, strict=True)
         )
 
-    def vmap_value_and_grad(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Array],
-        argnums: Sequence[int] = (0,),
-        batched: Sequence[int] = (),
-        mode: str = "eager",
-    ) -> tuple[Any, tuple[Array, ...]]:
-        check_mode(mode)
-        axes = tuple(0 if i in batched else None for i in range(len(args)))
-        run = torch.func.vmap(torch.func.grad_and_value(fn, argnums=tuple(argnums)), in_dims=axes)
-        grads, value = (self.compile(run) if mode == "compiled" else run)(*args)
+    def _vmap_value_and_grad(self, job: GradJob) -> Any:
+        grad_and_value = torch.func.grad_and_value(job.fn, argnums=job.argnums)
+        run = torch.func.vmap(grad_and_value, in_dims=job.axes)
+        grads, value = self._maybe_compile(run, job)(*job.args)
         return value, tuple(grads)
 
     def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +46,17 @@ from gategrad.backends import REGISTRY as _FRAMEWORKS  # noqa: E402
 
 BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
 MODES: tuple[str, ...] = ("eager", "compiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradJob:
+    """One :meth:`Backend.value_and_grad` (or vmapped) request, as the backends' hooks get it."""
+
+    fn: Callable[..., Any]
+    args: list[Any]
+    argnums: tuple[int, ...]
+    axes: tuple[int | None, ...]  # vmap: 0 for mapped arguments, None for shared ones
+    mode: str  # 'eager' | 'compiled'
 
 
 class Backend(abc.ABC):
@@ -217,15 +229,24 @@ class Backend(abc.ABC):
     def to_numpy(self, x: Array) -> Any:
         """A NumPy copy of ``x`` without gradient (bfloat16 widened to float32)."""
 
-    @abc.abstractmethod
     def from_numpy(
         self, a: Any, like: Array | None = None, dtype: DTypeName | None = None
     ) -> Array:
         """A NumPy array (or scalar) as this framework's array, on the device of ``like``.
 
-        ``dtype`` names a floating dtype for floating input (``None`` keeps NumPy's); boolean
-        and integer arrays keep their kind.
+        ``dtype`` names a floating dtype for floating input (``None`` keeps NumPy's, where the
+        framework has it); boolean and integer arrays keep their kind.
         """
+        a = _np().asarray(a)
+        # a.dtype only when a dtype is asked for: dynamo cannot trace ndarray.dtype, and the
+        # core converts its (float64) index tables with dtype=None inside compiled regions
+        if dtype is not None and not _np().issubdtype(a.dtype, _np().floating):
+            dtype = None
+        return self.asarray(a, dtype, like)
+
+    @abc.abstractmethod
+    def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
+        """``from_numpy`` after the checks: ``a`` a NumPy array, ``dtype`` ``None`` to keep."""
 
     def tree_to_numpy(self, tree: Any) -> Any:
         """``tree`` (dict, list or tuple of arrays) with every leaf as ``np.ndarray``."""
@@ -265,7 +286,8 @@ class Backend(abc.ABC):
     ) -> tuple[Any, tuple[Array, ...]]:
         """``(fn(*args), (d fn / d args[i] for i in argnums))`` for a scalar-valued ``fn``;
         ``mode='compiled'`` runs it under :meth:`compile`."""
-        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+        check_mode(mode)
+        return self._value_and_grad(GradJob(fn, list(args), tuple(argnums), (), mode))
 
     def vmap_value_and_grad(
         self,
@@ -278,7 +300,18 @@ class Backend(abc.ABC):
         """Per-slice :meth:`value_and_grad` under the framework's ``vmap``: ``args[i]`` for ``i``
         in ``batched`` carry a leading axis ``K`` mapped over; values ``(K,)`` and gradients
         stacked along ``K``."""
+        check_mode(mode)
+        axes = tuple(0 if i in batched else None for i in range(len(args)))
+        return self._vmap_value_and_grad(GradJob(fn, list(args), tuple(argnums), axes, mode))
+
+    def _value_and_grad(self, job: GradJob) -> Any:
+        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+
+    def _vmap_value_and_grad(self, job: GradJob) -> Any:
         raise NotImplementedError(f"backend {self.name!r} has no vmap")
+
+    def _maybe_compile(self, fn: Callable[..., Any], job: GradJob) -> Callable[..., Any]:
+        return self.compile(fn) if job.mode == "compiled" else fn
 
     def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
         """``(fn(primal), pullback)`` where ``pullback(cot)`` is ``cot^T d fn / d primal``

@@ -33,4 +33,4 @@ def register() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    sys.modules[package].backends = module
+    setattr(sys.modules[package], "backends", module)  # noqa: B010 - not declared there

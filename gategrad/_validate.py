@@ -73,6 +73,12 @@ def inspectable(backend: Backend, *xs: Array) -> bool:
     return _CHECKS["enabled"] and all(backend.is_concrete(x) for x in xs)
 
 
+def found(backend: Backend, bad: Array) -> bool:
+    """``bad.any()`` where ``bad`` may be inspected, else ``False``. ``bad`` is checked itself:
+    a concrete constant closed over by a traced function (``jax.jit``) gives traced results."""
+    return inspectable(backend, bad) and backend.any(bad)
+
+
 def require_gate(gate: Any, name: str = "gate") -> Gate:
     if not isinstance(gate, Gate):
         raise TypeError(f"{name} must be a gategrad.Gate, got {type(gate).__name__}")
@@ -139,7 +145,7 @@ def check_log_probs(
         bad = bad | (x == float("-inf"))
     if mask is not None and x.ndim == 2:
         bad = bad & mask
-    if backend.any(bad):
+    if found(backend, bad):
         what = "NaN or +inf" if allow_neg_inf else "NaN or +-inf"
         allowed = "finite or -inf" if allow_neg_inf else "finite"
         raise ValueError(
@@ -153,7 +159,7 @@ def check_counts(backend: Backend, counts: Array, name: str) -> None:
     if not inspectable(backend, counts):
         return
     bad = ~(counts > 0)
-    if backend.any(bad):
+    if found(backend, bad):
         raise ValueError(
             f"{name} has no tokens at {rows(backend, bad)}; every response needs at least one "
             "token (drop empty responses from the batch)"
@@ -165,7 +171,7 @@ def check_mask_rows(backend: Backend, mask: Array, name: str) -> None:
     if not inspectable(backend, mask):
         return
     empty = backend.sum(backend.astype(mask, backend.dtype("int32")), axis=-1) == 0
-    if backend.any(empty):
+    if found(backend, empty):
         raise ValueError(
             f"{name} is all zero in {rows(backend, empty)}; every response needs at least one "
             "token (drop empty responses from the batch)"

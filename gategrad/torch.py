@@ -30,6 +30,7 @@ import torch
 from ._backend import get_backend
 from ._core import GateStats, broadcast_weight, gate_weights, scale_grad
 from ._gate import Gate
+from ._validate import require_gate
 
 __all__ = ["GateHook", "hook"]
 
@@ -137,8 +138,7 @@ class GateHook:
         ignore_index: int,
         on_stats: Callable[[GateStats], None] | None,
     ) -> None:
-        if not isinstance(gate, Gate):
-            raise TypeError(f"gate must be a gategrad.Gate, got {type(gate).__name__}")
+        gate = require_gate(gate)
         if output not in (None, "log_probs", "logits"):
             raise ValueError(f"output must be None, 'log_probs' or 'logits', got {output!r}")
         if rejected_rows is None:

@@ -32,7 +32,7 @@ from gategrad.testing import (
     transformer_configs,
     transformer_logps,
 )
-from gategrad.testing.models import numpy_models
+from gategrad.testing.models import transformer_logits
 
 pytestmark = pytest.mark.conformance
 
@@ -245,7 +245,7 @@ def test_numpy_forward_matches_frameworks_float64() -> None:
         fn = preference_loss_fn(transformer_logps(backend, cfg), spec)
         value, _ = run_backend(backend, fn, inputs, wrt=["params"], dtype="float64")
         assert abs(value - ref) <= 1e-12 * abs(ref)
-    logits = numpy_models.transformer_logits(
+    logits = transformer_logits(
         inputs["params"], inputs["chosen_tokens"], cfg, inputs["chosen_attention_mask"]
     )
     assert np.isfinite(logits).all() and logits.shape == (*SHAPES["float64"][0], cfg.vocab)

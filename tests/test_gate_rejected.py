@@ -9,7 +9,6 @@ import tempfile
 import numpy as np
 import pytest
 from _backends import ALL, AUTOGRAD, dtypes, float64_name, np_dtype, skip_unless
-from gategrad.backends import numpy as npref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gate import gates
@@ -111,7 +110,7 @@ def _check_vjp(backend, mode, batch, gate, estimator, granularity) -> None:
             np.testing.assert_array_equal(grad, own)
         else:
             np.testing.assert_allclose(grad, own, rtol=1e-6, atol=1e-6 * np.abs(own).max())
-        ref = npref.vjp(
+        ref = gategrad.gate_rejected_vjp(
             batch["logps"].astype(dtype), batch["cot"].astype(dtype), gate, batch["mask"]
         )
         exact64 = dtype == "float64" and backend != "mlx"  # MLX float64 is float32-accurate
@@ -188,8 +187,29 @@ def test_token_granularity_leaves_masked_positions_unscaled() -> None:
     logps = np.log(np.array([[0.5, 1e-9, 0.3], [1e-12, 0.9, 0.2]]))
     mask = np.array([[1, 1, 0], [1, 1, 1]], bool)
     gate = Gate(shape="hard", tau=1e-6, granularity="token")
-    grad = npref.vjp(logps, np.ones_like(logps), gate, mask)
+    grad = gategrad.gate_rejected_vjp(logps, np.ones_like(logps), gate, mask)
     np.testing.assert_array_equal(grad, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+
+
+def test_old_numpy_oracle_names_warn_and_still_work() -> None:
+    from gategrad.backends import numpy as npref
+
+    logps = np.log(np.array([[0.5, 1e-9, 0.3], [1e-12, 0.9, 0.2]]))
+    mask = np.array([[1, 1, 0], [1, 1, 1]], bool)
+    gate = Gate(shape="hard", tau=1e-6, granularity="token")
+    with pytest.warns(DeprecationWarning, match="gate_rejected_vjp"):
+        old_vjp = npref.vjp
+    np.testing.assert_array_equal(
+        old_vjp(logps, np.ones_like(logps), gate, mask),
+        gategrad.gate_rejected_vjp(logps, np.ones_like(logps), gate, mask),
+    )
+    v = np.array([[2.0, 2.0], [4.0, 1.0]], np.float32)
+    w = np.array([[0.5], [0.0]])
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        old_scale = npref.scale_grad_vjp
+    out = old_scale(v, w)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, v * w.astype(np.float32))
 
 
 @pytest.mark.parametrize("backend", AUTOGRAD)
@@ -219,7 +239,9 @@ def test_scale_grad_is_the_generic_hook(backend: str) -> None:
     w = np.array([[0.5], [0.0]])
     v = np.array([[2.0, 2.0], [4.0, 1.0]])
     if backend == "numpy":
-        np.testing.assert_array_equal(npref.scale_grad_vjp(v, w), v * w)
+        # the NumPy statement of the backward: v * w in promote_types(dtype, float32), cast back
+        scaled = (v.astype(np.promote_types(v.dtype, np.float32)) * w).astype(v.dtype)
+        np.testing.assert_array_equal(scaled, v * w)
         assert gategrad.scale_grad(x, w) is x
         return
     xb = from_numpy(backend, x, "float32")
@@ -248,7 +270,7 @@ def test_torch_func_vmap_checkpoint_and_compile_graph() -> None:
     mask[2, 3:] = False
     v = torch.tensor(rng.normal(size=(4, 6)))
     gate = Gate(estimator="q10")
-    ref = npref.vjp(logps.numpy(), v.numpy(), gate, mask.numpy())
+    ref = gategrad.gate_rejected_vjp(logps.numpy(), v.numpy(), gate, mask.numpy())
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         return (gate_rejected(x, gate, mask) * v).sum()
@@ -279,7 +301,7 @@ def test_jax_vmap_and_traced_gate_parameters() -> None:
     logps = -rng.exponential(2.0, size=(3, 5))
     v = rng.normal(size=(3, 5))
     gate = Gate(shape="log_sigmoid", tau=0.05, estimator="q50")
-    ref = npref.vjp(logps, v, gate)
+    ref = gategrad.gate_rejected_vjp(logps, v, gate)
 
     traces = []  # runs in Python only while jax.jit traces
 
@@ -291,7 +313,7 @@ def test_jax_vmap_and_traced_gate_parameters() -> None:
     np.testing.assert_allclose(grad_fn(jnp.asarray(logps), gate), ref, rtol=1e-12)
     other = gate.replace(tau=0.5)
     np.testing.assert_allclose(
-        grad_fn(jnp.asarray(logps), other), npref.vjp(logps, v, other), rtol=1e-12
+        grad_fn(jnp.asarray(logps), other), gategrad.gate_rejected_vjp(logps, v, other), rtol=1e-12
     )
     assert len(traces) == 1, "a new tau must not retrace: gate params are traced"
     rows = jax.vmap(jax.grad(lambda x, vv: (gate_rejected(x[None], gate) * vv).sum()))
@@ -326,7 +348,7 @@ def test_mlx_vmap_and_compile() -> None:
     logps = (-rng.exponential(2.0, size=(3, 5))).astype(np.float32)
     v = rng.normal(size=(3, 5)).astype(np.float32)
     gate = Gate(estimator="q10")
-    ref = npref.vjp(logps, v, gate)
+    ref = gategrad.gate_rejected_vjp(logps, v, gate)
     mv = mx.array(v)
 
     def loss(x):

@@ -57,8 +57,7 @@ def test_wrong_gradient_with_right_value_fails(backend: str) -> None:
     """A backend whose value is right but whose gradient for `w` is 1% off is caught."""
     skip_unless("torch")
     skip_unless(backend)
-    mod = gategrad.testing.require(backend)
-    stop = mod.lax.stop_gradient if backend == "jax" else mod.stop_gradient
+    stop = gategrad.get_backend(backend).stop_gradient
 
     def wrong(x, w):
         w = 1.01 * w - stop(0.01 * w)  # same value, gradient scaled by 1.01
@@ -283,18 +282,108 @@ def test_builders_are_deterministic() -> None:
         make_transformer_batch(cfg, 2, cfg.max_len + 1)
 
 
-def test_import_is_light() -> None:
-    """``import gategrad.testing`` imports no framework and no Hypothesis; strategies do."""
-    code = (
-        "import sys, gategrad.testing as t\n"
-        "heavy = [m for m in ('torch', 'jax', 'mlx', 'hypothesis') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "t.gates\n"
-        "assert 'hypothesis' in sys.modules\n"
-        "assert not [m for m in ('torch', 'jax', 'mlx') if m in sys.modules]\n"
+# ------------------------------------------------------------------------------------------
+# the models, written once
+
+
+def test_models_run_the_same_maths_in_every_framework() -> None:
+    """One implementation: every framework's logits equal the NumPy float64 reference, and the
+    per-framework modules are the same functions with the framework bound."""
+    import importlib
+
+    from gategrad.testing.models import (
+        init_softmax_params,
+        init_transformer_params,
+        params_from_numpy,
+        softmax_logits,
+        to_numpy,
+        transformer_logits,
     )
-    # cwd outside the repository: its gategrad/ (no backends/) must not shadow the install
+
+    cfg = TransformerConfig()
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, cfg.vocab, size=(2, 9))
+    mask = (np.arange(9)[None, :] < np.array([[9], [5]])).astype(np.int64)
+    np_params = init_transformer_params(cfg, seed=1)
+    sm_params = init_softmax_params(SoftmaxConfig(vocab=7, dim=5), seed=1)
+    contexts = rng.normal(size=(4, 5))
+    ref = transformer_logits(params_from_numpy(np_params, "numpy"), tokens, cfg, mask)
+    ref_sm = softmax_logits(params_from_numpy(sm_params, "numpy"), contexts)
+    assert ref.shape == (2, 9, cfg.vocab) and ref.dtype == np.float64
+    for name in ("numpy", *AUTOGRAD):
+        if not gategrad.is_available(name):
+            continue
+        ops = gategrad.get_backend(name)
+        mod = importlib.import_module(f"gategrad.testing.models.{name}_models")
+        assert mod.transformer_logits is transformer_logits
+        tol = tolerance("float64", "numpy", name)
+        params = mod.params_from_numpy(np_params, "float64")
+        got = to_numpy(
+            mod.transformer_logits(params, ops.from_numpy(tokens), cfg, ops.from_numpy(mask))
+        )
+        assert got.dtype == np.float64
+        assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), name
+        got = to_numpy(softmax_logits(params_from_numpy(sm_params, name), contexts))
+        assert np.abs(got - ref_sm).max() <= tol * np.abs(ref_sm).max(), name
+        f32 = params_from_numpy(np_params, name, "float32")
+        assert to_numpy(f32["tok_emb"]).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_params_from_numpy_copies(name: str) -> None:
+    from gategrad.testing.models import params_from_numpy, to_numpy
+
+    skip_unless(name)
+    src = {"w": np.ones(3)}
+    params = params_from_numpy(src, name, "float64")
+    src["w"][0] = 5.0
+    np.testing.assert_array_equal(to_numpy(params)["w"], np.ones(3))
+
+
+def test_params_from_numpy_rejects_bad_names() -> None:
+    from gategrad.testing.models import params_from_numpy
+
+    with pytest.raises(ValueError, match="dtype"):
+        params_from_numpy({"w": np.ones(2)}, "numpy", "float16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        params_from_numpy({"w": np.ones(2)}, "paddle")
+
+
+def _fresh_python(*lines: str) -> None:
+    """Run ``lines`` in a fresh interpreter; cwd outside the repository, so that its gategrad/
+    (no backends/) does not shadow the install."""
+    code = "\n".join(lines)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tempfile.gettempdir())
+
+
+def test_jax_float64_params_need_x64() -> None:
+    skip_unless("jax")
+    _fresh_python(
+        "import numpy as np",
+        "from gategrad.testing.models import params_from_numpy",
+        "try:",
+        "    params_from_numpy({'w': np.ones(2)}, 'jax', 'float64')",
+        "except RuntimeError as err:",
+        "    assert 'jax_enable_x64' in str(err), err",
+        "else:",
+        "    raise SystemExit('no RuntimeError')",
+        "p = params_from_numpy({'w': np.ones(2)}, 'jax', 'float32')",
+        "assert str(p['w'].dtype) == 'float32'",
+    )
+
+
+def test_import_is_light() -> None:
+    """``import gategrad.testing`` (and its models) imports no framework and no Hypothesis;
+    strategies do."""
+    _fresh_python(
+        "import sys, gategrad.testing as t, gategrad.testing.models as m",
+        "m.params_from_numpy, m.transformer_logits, m.softmax_logits, m.to_numpy",
+        "heavy = [m for m in ('torch', 'jax', 'mlx', 'hypothesis') if m in sys.modules]",
+        "assert not heavy, heavy",
+        "t.gates",
+        "assert 'hypothesis' in sys.modules",
+        "assert not [m for m in ('torch', 'jax', 'mlx') if m in sys.modules]",
+    )
 
 
 def test_public_namespace() -> None:

@@ -1,5 +1,6 @@
-"""The NumPy lab's closed-form gradients: against float64 finite differences of
-``gategrad.losses.preference_loss`` (NumPy forward), and the gate on the rejected branch only."""
+"""The test kit's closed-form NumPy gradients (the NumPy lab's too): against float64 finite
+differences of ``gategrad.losses.preference_loss`` (NumPy forward), and the gate on the rejected
+branch only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from gategrad import Gate, gate_weights
-from gategrad.lab import _numpy_grads as ng
 from gategrad.losses import preference_loss
+from gategrad.testing import _closed_form as ng
 
 CASES = [
     ("sigmoid", {}),
@@ -203,3 +204,13 @@ def test_toy_step_gradient_is_the_finite_difference_of_the_loss():
     zero, info0 = toy_step(params, data, Method("cal_dpo", "zero"), ref, 0.1)
     assert info0["loss"] == info["loss"]
     assert not np.allclose(zero["W"], grads["W"])
+
+
+def test_loss_tables_come_from_the_registry_and_the_lab_reexports() -> None:
+    from gategrad._loss_registry import LOSS_PARAMS, LOSS_TYPES
+    from gategrad.lab import _numpy_grads
+
+    assert ng.GRAD_LOSS_TYPES == LOSS_TYPES
+    assert ng._DEFAULTS == LOSS_PARAMS
+    for name in ("loss_grads", "gate_grad", "softmax_grads", "log_softmax", "pick", "LossGrads"):
+        assert getattr(_numpy_grads, name) is getattr(ng, name)

@@ -44,6 +44,7 @@ from collections import defaultdict
 from typing import Any
 
 from .._gate import Gate
+from .._validate import require_gate
 
 __all__ = ["TESTED_TRL", "GateAttachment", "attach"]
 
@@ -302,8 +303,7 @@ def attach(trainer: Any, gate: Gate | None = None, *, log_metrics: bool = True) 
             "gategrad.integrations.trl needs TRL: pip install 'gategrad[trl]'"
         ) from err
     gate = Gate() if gate is None else gate
-    if not isinstance(gate, Gate):
-        raise TypeError(f"gate must be a gategrad.Gate, got {type(gate).__name__}")
+    gate = require_gate(gate)
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"attach() expects a trl.DPOTrainer, got {type(trainer).__name__}")
     if getattr(trainer, _ATTR, None) is not None:

@@ -3,8 +3,8 @@ and gradients in every framework, with Hypothesis strategies and tiny reference 
 
 - :func:`assert_backends_agree` runs one scalar function per framework from shared NumPy inputs,
   with its gradients, and raises :class:`BackendDisagreement` naming the worst tensor and pair.
-- :mod:`gategrad.testing.models`: a toy softmax and a tiny transformer, written once per
-  framework; :func:`softmax_logps`, :func:`transformer_logps` and :class:`PreferenceSpec` turn
+- :mod:`gategrad.testing.models`: a toy softmax and a tiny transformer, written once for
+  every framework; :func:`softmax_logps`, :func:`transformer_logps` and :class:`PreferenceSpec` turn
   them into preference losses end to end.
 - Hypothesis strategies (:func:`gates`, :func:`preference_batches`, :func:`preference_specs`,
   :func:`transformer_batches`, ...; they need ``pip install 'gategrad[test]'``).

@@ -1,7 +1,7 @@
 """End-to-end preference losses of the kit's tiny models, in every framework.
 
 A preference batch goes ``model -> logits -> gategrad.token_logps -> gategrad.preference_loss``,
-exactly as in training. Two models, both defined once per framework in
+exactly as in training. Two models, both written once for every framework in
 :mod:`gategrad.testing.models`:
 
 - the toy softmax: each response token ``t`` of example ``b`` has a context vector
@@ -23,8 +23,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gategrad._backend import get_backend
 from gategrad._gate import Gate
+from gategrad._loss_registry import LOSSES
 
+from . import _closed_form as ng
 from ._adapters import from_numpy, to_numpy
 from ._agree import _device_scope, run_backend
 from .models import (
@@ -33,6 +36,8 @@ from .models import (
     init_softmax_params,
     init_transformer_params,
     make_shared_contexts,
+    softmax_logits,
+    transformer_logits,
 )
 
 __all__ = [
@@ -51,14 +56,18 @@ __all__ = [
 
 
 def model_module(backend: str) -> Any:
-    """``gategrad.testing.models.<backend>_models`` (imports that framework)."""
-    if backend not in ("numpy", "torch", "jax", "mlx"):
-        raise ValueError(f"unknown backend {backend!r}")
-    if backend != "numpy":
-        from ._adapters import require
-
-        require(backend)  # ImportError naming the pip extra
+    """``gategrad.testing.models.<backend>_models``: the models with ``backend`` bound (imports
+    that framework; ``ValueError`` for an unknown backend, ``ImportError`` naming the pip extra
+    for one not installed)."""
+    get_backend(backend)
     return importlib.import_module(f"gategrad.testing.models.{backend}_models")
+
+
+def _uses_ref(loss_type: str) -> bool:
+    """Whether ``loss_type`` reads the reference log-probs (an unknown type is left to
+    :func:`gategrad.preference_loss` to reject)."""
+    spec = LOSSES.get(loss_type)
+    return spec is None or spec.uses_ref
 
 
 class PreferenceLogps(NamedTuple):
@@ -89,7 +98,7 @@ class PreferenceSpec:
     def __call__(self, lp: PreferenceLogps) -> Any:
         from gategrad import preference_loss
 
-        no_ref = self.loss_type == "simpo"
+        no_ref = not _uses_ref(self.loss_type)
         loss, _ = preference_loss(
             self.loss_type,
             lp.policy_chosen,
@@ -132,11 +141,11 @@ def softmax_logps(backend: str) -> Callable[..., PreferenceLogps]:
     :func:`make_softmax_batch`."""
     from gategrad import token_logps
 
-    mod = model_module(backend)
+    get_backend(backend)  # ValueError or ImportError now, not at the first call
 
     def side(params: Any, contexts: Any, targets: Any, mask: Any) -> tuple[Any, Any]:
         b, t, d = contexts.shape
-        logits = mod.softmax_logits(params, contexts.reshape(b * t, d))
+        logits = softmax_logits(params, contexts.reshape(b * t, d))
         return token_logps(logits.reshape(b, t, -1), targets, mask, shift=False)
 
     def logps(
@@ -210,11 +219,10 @@ def softmax_reference(spec: PreferenceSpec) -> Callable[..., tuple[float, dict]]
     preference loss, gate included: ``f(**inputs) -> (loss, {'params': {'W', 'b'}})``.
 
     The loss derivatives with respect to the summed log-probs come from
-    :mod:`gategrad.lab._numpy_grads`; the gate multiplies the rejected tokens' cotangents by
+    :mod:`gategrad.testing._closed_form`; the gate multiplies the rejected tokens' cotangents by
     ``g`` (per example, or per token), computed by the NumPy backend; then
     ``dz = d (onehot(target) - softmax(z))``, ``dW = X^T dz`` and ``db = sum dz``.
     """
-    from gategrad.lab import _numpy_grads as ng
 
     def reference(
         params: Mapping[str, np.ndarray],
@@ -241,7 +249,7 @@ def softmax_reference(spec: PreferenceSpec) -> Callable[..., tuple[float, dict]]
         ref = np.concatenate([ref_chosen_logps, ref_rejected_logps]).astype(np.float64)
         ref = np.where(masks, ref, 0.0).sum(-1)
         pi = tok.sum(-1)
-        no_ref = spec.loss_type == "simpo"
+        no_ref = not _uses_ref(spec.loss_type)
         lg = ng.loss_grads(
             spec.loss_type,
             pi[:b],
@@ -275,10 +283,10 @@ def transformer_logps(backend: str, cfg: TransformerConfig) -> Callable[..., Pre
     and rejected), ``token_logps(logits, tokens, response_mask, shift=True)`` each."""
     from gategrad import token_logps
 
-    mod = model_module(backend)
+    get_backend(backend)  # ValueError or ImportError now, not at the first call
 
     def side(params: Any, tokens: Any, attention: Any, response: Any) -> tuple[Any, Any]:
-        logits = mod.transformer_logits(params, tokens, cfg, attention)
+        logits = transformer_logits(params, tokens, cfg, attention)
         return token_logps(logits, tokens, response, shift=True)
 
     def logps(

@@ -75,7 +75,7 @@ def gates(
             shape=shape,  # type: ignore[arg-type]
             floor=floor,
             estimator=draw(st.sampled_from(list(estimators))),
-            granularity=draw(st.sampled_from(list(granularities))),  # type: ignore[arg-type]
+            granularity=draw(st.sampled_from(list(granularities))),
             **params,
         )
 

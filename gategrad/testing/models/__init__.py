@@ -1,27 +1,36 @@
-"""Tiny reference models for the gategrad test kit.
+"""Tiny reference models for the gategrad test kit, written once for every framework.
 
-Importing this package imports NumPy only. It exports the configs and the NumPy (float64)
-parameter initialisers. The forward passes live in one module per framework, imported explicitly:
+Importing this package imports NumPy only; a framework is imported when
+:func:`params_from_numpy` first names it. The forward passes find their framework from the
+parameters' arrays and compute with that backend's operations (:mod:`gategrad._backend`), so
+NumPy (the float64 reference), PyTorch, JAX and MLX run the same maths:
 
-- ``gategrad.testing.models.numpy_models`` (the float64 reference)
-- ``gategrad.testing.models.torch_models``
-- ``gategrad.testing.models.jax_models``
-- ``gategrad.testing.models.mlx_models``
+- ``params_from_numpy(np_params, backend, dtype="float64", device=None)``: a NumPy parameter
+  dict (from :func:`init_softmax_params` or :func:`init_transformer_params`) as arrays of
+  ``backend`` (``'numpy' | 'torch' | 'jax' | 'mlx'``);
+- ``softmax_logits(params, contexts) -> (N, V)``;
+- ``transformer_logits(params, tokens, cfg, attention_mask=None) -> (B, T, V)``;
+- ``to_numpy(tree)``: any framework's arrays (in dicts, lists, tuples) as NumPy.
 
-Each provides ``params_from_numpy(np_params, dtype)``, ``to_numpy(tree)``,
-``softmax_logits(params, contexts) -> (N, V)`` and
-``transformer_logits(params, tokens, cfg, attention_mask=None) -> (B, T, V)``.
+The modules ``numpy_models``, ``torch_models``, ``jax_models`` and ``mlx_models`` are the same
+functions with the framework bound (``params_from_numpy(np_params, dtype)``).
 
 Example::
 
     from gategrad.testing.models import TransformerConfig, init_transformer_params
-    from gategrad.testing.models import torch_models as tm
+    from gategrad.testing.models import params_from_numpy, transformer_logits
 
     cfg = TransformerConfig()
-    params = tm.params_from_numpy(init_transformer_params(cfg, seed=0), "float32")
-    logits = tm.transformer_logits(params, tokens, cfg)
+    params = params_from_numpy(init_transformer_params(cfg, seed=0), "torch", "float32")
+    logits = transformer_logits(params, tokens, cfg)
 """
 
+from gategrad.testing.models._forward import (
+    params_from_numpy,
+    softmax_logits,
+    to_numpy,
+    transformer_logits,
+)
 from gategrad.testing.models._params import (
     DTypeName,
     SoftmaxConfig,
@@ -39,5 +48,9 @@ __all__ = [
     "init_softmax_params",
     "init_transformer_params",
     "make_shared_contexts",
+    "params_from_numpy",
+    "softmax_logits",
+    "to_numpy",
+    "transformer_logits",
     "transformer_param_shapes",
 ]

@@ -16,7 +16,7 @@ parameters' framework.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from gategrad.testing.models._params import (
 )
 
 __all__ = [
+    "bind",
     "gelu",
     "layer_norm",
     "params_from_numpy",
@@ -69,7 +70,9 @@ def params_from_numpy(
     name = check_dtype(dtype)
     ops = get_backend(backend)
     # float64 first: exact for float32 sources, and a fresh copy that torch.from_numpy may share
-    out = {k: ops.from_numpy(np.array(v, dtype=np.float64), dtype=name) for k, v in np_params.items()}
+    out = {
+        k: ops.from_numpy(np.array(v, dtype=np.float64), dtype=name) for k, v in np_params.items()
+    }
     if device is not None:
         out = {k: _to_device(ops, v, device) for k, v in out.items()}
     if name == "float64" and out:
@@ -207,19 +210,24 @@ def transformer_logits(
     return x @ ops.permute_dims(emb, (1, 0))
 
 
-class FrameworkModels:
-    """The model functions with the framework bound: what ``gategrad.testing.models.<name>_models``
-    exports (``params_from_numpy(np_params, dtype, device=None)`` without the backend name)."""
+ParamsFromNumpy = Callable[..., dict[str, Array]]
+Forward = Callable[..., Array]
 
-    def __init__(self, backend: str) -> None:
-        get_backend(backend)  # imports the framework now (ImportError naming the pip extra)
-        self.backend = backend
 
-    def params_from_numpy(
-        self, np_params: Mapping[str, Any], dtype: str = "float64", device: Any = None
+def bind(backend: str) -> tuple[ParamsFromNumpy, Forward, Forward, Callable[[Any], Any]]:
+    """``(params_from_numpy, softmax_logits, transformer_logits, to_numpy)`` with the framework
+    bound, as ``gategrad.testing.models.<backend>_models`` exports them:
+    ``params_from_numpy(np_params, dtype="float64", device=None)``. Imports the framework now
+    (``ImportError`` naming the pip extra when it is missing)."""
+    get_backend(backend)
+
+    def bound_params_from_numpy(
+        np_params: Mapping[str, Any], dtype: str = "float64", device: Any = None
     ) -> dict[str, Array]:
-        return params_from_numpy(np_params, self.backend, dtype, device)
+        return params_from_numpy(np_params, backend, dtype, device)
 
-    softmax_logits = staticmethod(softmax_logits)
-    transformer_logits = staticmethod(transformer_logits)
-    to_numpy = staticmethod(to_numpy)
+    bound_params_from_numpy.__doc__ = (
+        f"``params_from_numpy(np_params, {backend!r}, dtype, device)``: see "
+        ":func:`gategrad.testing.models.params_from_numpy`."
+    )
+    return bound_params_from_numpy, softmax_logits, transformer_logits, to_numpy
