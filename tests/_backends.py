@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -49,3 +55,46 @@ def skip_unless(name: str) -> None:
 def np_dtype(dtype: str) -> type:
     """The NumPy dtype used to build reference inputs (bfloat16 inputs start as float32)."""
     return np.float32 if dtype == "bfloat16" else getattr(np, dtype)
+
+
+def fw(name: str) -> object:
+    """The array namespace of backend ``name`` (``numpy``, ``torch``, ``jax.numpy``,
+    ``mlx.core``); skips when the framework is not installed."""
+    skip_unless(name)
+    return gategrad.get_backend(name).xp
+
+
+def run_outside_repo(
+    args: list[str], cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``python *args`` from ``cwd`` (outside the repository, so the installed gategrad is the
+    one imported), headless and offline, without the caller's ``PYTHONPATH``."""
+    env = {
+        **os.environ,
+        "MPLBACKEND": "Agg",
+        "HF_HUB_OFFLINE": "1",
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, **extra: Any) -> Any:
+    """A tiny ``transformers.LlamaForCausalLM`` (seeded), MLP width ``2 * hidden``."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _backends import run_outside_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -261,22 +262,7 @@ def test_python_blocks_run(page: str, tmp_path: Path) -> None:
     spec.write_text(json.dumps(blocks), encoding="utf-8")
     driver = tmp_path / "run_blocks.py"
     driver.write_text(_DRIVER, encoding="utf-8")
-    env = {
-        **os.environ,
-        "MPLBACKEND": "Agg",
-        "HF_HUB_OFFLINE": "1",
-        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, str(driver), str(spec)],
-        cwd=tmp_path,  # outside the repository: import the installed gategrad
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    out = run_outside_repo([str(driver), str(spec)], tmp_path)
     assert out.returncode == 0, f"{page}:\n{out.stdout}\n{out.stderr[-8000:]}"
 
 

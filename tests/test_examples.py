@@ -7,12 +7,10 @@ installed gategrad (the checkout's ``gategrad/`` lacks ``backends/``, which inst
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _backends import run_outside_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -43,22 +41,7 @@ def test_example_has_a_quick_mode_and_a_docstring(script: Path) -> None:
 def test_example_runs_quick(script: Path, tmp_path: Path) -> None:
     if "--quick" not in script.read_text(encoding="utf-8"):
         pytest.fail(f"examples/{script.name} has no --quick mode")
-    env = {
-        **os.environ,
-        "MPLBACKEND": "Agg",
-        "HF_HUB_OFFLINE": "1",
-        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        cwd=tmp_path,  # outside the repository: the installed gategrad is imported
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    out = run_outside_repo([str(script), "--quick"], tmp_path)
     assert out.returncode == 0, (
         f"examples/{script.name} --quick exited with {out.returncode}:\n"
         f"{out.stdout[-4000:]}\n{out.stderr[-8000:]}"

@@ -65,14 +65,22 @@ def _violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     for path in files:
         for module in sorted(_imports(path)):
             if any(
-                module.startswith(f) if f.endswith(".") else module == f or module.startswith(f + ".")
+                module.startswith(f)
+                if f.endswith(".")
+                else module == f or module.startswith(f + ".")
                 for f in forbidden
             ):
                 bad.append(f"{path.relative_to(ROOT)} imports {module}")
     return bad
 
 
-UPPER = ("gategrad.testing", "gategrad.lab", "gategrad.integrations", "gategrad.torch", "benchmarks")
+UPPER = (
+    "gategrad.testing",
+    "gategrad.lab",
+    "gategrad.integrations",
+    "gategrad.torch",
+    "benchmarks",
+)
 
 
 def test_core_imports_no_framework_and_no_layer_above() -> None:

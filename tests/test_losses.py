@@ -10,6 +10,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from _backends import fw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -194,19 +195,6 @@ def ref_from_arrays(lt, layout, extra, beta, p, sft_weight=0.0):
 
 # ---------------------------------------------------------------------------------------------
 # framework adapters
-
-
-def fw(name):
-    if name == "numpy":
-        return np
-    if name == "torch":
-        return pytest.importorskip("torch", reason="torch is not installed")
-    if name == "jax":
-        pytest.importorskip("jax", reason="jax is not installed")
-        import jax.numpy as jnp
-
-        return jnp
-    return pytest.importorskip("mlx.core", reason="mlx is not installed")
 
 
 def conv(name, a):

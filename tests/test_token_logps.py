@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pytest
+from _backends import fw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,19 +24,6 @@ except ImportError:  # pragma: no cover - jax is optional
 
 BACKENDS = ("numpy", "torch", "jax", "mlx")
 TOKEN_GATE = Gate(shape="log_sigmoid", tau=0.05, granularity="token")
-
-
-def fw(name):
-    if name == "numpy":
-        return np
-    if name == "torch":
-        return pytest.importorskip("torch", reason="torch is not installed")
-    if name == "jax":
-        pytest.importorskip("jax", reason="jax is not installed")
-        import jax.numpy as jnp
-
-        return jnp
-    return pytest.importorskip("mlx.core", reason="mlx is not installed")
 
 
 def conv(name, a, dtype=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from _backends import tiny_llama
 
 torch = pytest.importorskip("torch", reason="gategrad.torch needs PyTorch")
 
@@ -301,18 +302,8 @@ def test_bfloat16_logits_route_runs():
 
 
 def test_tiny_llama_logits_and_no_grad_reference():
-    transformers = pytest.importorskip("transformers", reason="tiny Llama needs transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    policy = transformers.LlamaForCausalLM(cfg).double()
+    pytest.importorskip("transformers", reason="tiny Llama needs transformers")
+    policy = tiny_llama(V, hidden=16, layers=1, heads=2, max_position_embeddings=16).double()
     ids, labels = make_batch()
     attn = torch.ones_like(ids)
 

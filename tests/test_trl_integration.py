@@ -12,6 +12,7 @@ import os
 import warnings
 
 import pytest
+from _backends import tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch", reason="the TRL integration needs PyTorch")
@@ -52,20 +53,16 @@ def make_dataset(n: int = 4):
 
 
 def make_model(vocab_size: int):
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+    model = tiny_llama(
+        vocab_size,
+        hidden=32,
+        layers=2,
+        heads=4,
         max_position_embeddings=64,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # a perturbed init so that rows' gates differ
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

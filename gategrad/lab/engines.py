@@ -40,14 +40,21 @@ for the parameters).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from gategrad._backend import Array, Backend, get_backend
-from gategrad.testing.models import TransformerConfig, params_from_numpy, transformer_logits
+from gategrad.testing.models import (
+    TransformerConfig,
+    params_from_numpy,
+    transformer_logits,
+    transformer_param_shapes,
+)
 
 from .config import TRANSFORMER_BACKENDS
 
@@ -99,30 +106,16 @@ def _autograd_traces(b: Backend) -> bool:
 
 
 def adam_update(
-    b: Backend,
-    params: Params,
-    grads: Params,
-    m: Params,
-    v: Params,
-    step_size: float,
-    c2: float,
-) -> tuple[Params, Params, Params]:
-    """One Adam step as ``torch.optim.Adam`` computes it: ``m`` and ``v`` the moving averages
-    (``betas=(0.9, 0.999)``), ``step_size = lr / (1 - beta1**t)``, ``c2 = sqrt(1 - beta2**t)``
-    and ``p -= step_size * m / (sqrt(v) / c2 + 1e-8)``. Returns ``(params, m, v)``."""
+    b: Backend, p: Array, g: Array, m: Array, v: Array, step_size: float, c2: float
+) -> tuple[Array, Array, Array]:
+    """One Adam step as ``torch.optim.Adam`` computes it, on arrays (or leaves) ``p``, gradient
+    ``g`` and moving averages ``m``, ``v`` (``betas=(0.9, 0.999)``): ``step_size = lr / (1 -
+    beta1**t)``, ``c2 = sqrt(1 - beta2**t)`` and ``p -= step_size * m / (sqrt(v) / c2 + 1e-8)``.
+    Returns the new ``(p, m, v)``."""
     b1, b2 = _BETAS
-
-    def one(p: Array, g: Array, m1: Array, v1: Array) -> tuple[Array, Array, Array]:
-        m1 = m1 + (1.0 - b1) * (g - m1)
-        v1 = v1 * b2 + (1.0 - b2) * (g * g)
-        return p - step_size * (m1 / (b.sqrt(v1) / c2 + _EPS)), m1, v1
-
-    out = b.tree_map(one, params, grads, m, v)
-    return tuple({k: t[i] for k, t in out.items()} for i in range(3))  # type: ignore[return-value]
-
-
-def _full(mask: np.ndarray, n: int) -> np.ndarray:
-    return np.ascontiguousarray(np.broadcast_to(mask, (n, mask.shape[-1])))
+    m = m + (1.0 - b1) * (g - m)
+    v = v * b2 + (1.0 - b2) * (g * g)
+    return p - step_size * (m / (b.sqrt(v) / c2 + _EPS)), m, v
 
 
 def _with_gate(b: Backend, loss: Array, gate: Array | None, z: Array) -> Array:
@@ -170,8 +163,11 @@ def _pref_objective(b: Backend, method: Any, beta: float) -> Objective:
 class Engine:
     """The tiny transformer on one backend (see the module docstring).
 
-    ``staged``: compile the model's passes once and each objective separately (for an autograd
-    that traces, JAX); otherwise every step is one eager ``value_and_grad``.
+    Parameters are one flat vector (the engine's ``params``), viewed as the model's dict of
+    arrays in each forward pass: the optimiser then updates three arrays per step rather than
+    three per parameter tensor (eager PyTorch pays per operation). ``staged``: compile the
+    model's passes once and each objective separately (for an autograd that traces, JAX);
+    otherwise every step is one eager ``value_and_grad``.
     """
 
     def __init__(
@@ -185,30 +181,42 @@ class Engine:
     ) -> None:
         self.b, self.cfg, self.dtype, self.staged = backend, cfg, dtype, staged
         self.name = backend.name
-        b = backend
-        stage = b.compile if staged else _identity
+        self._shapes = transformer_param_shapes(cfg)
+        stage = backend.compile if staged else _identity
         self._cache: dict[Any, Callable[..., Any]] = {}
         self._forward = stage(self._logps)
         self._metrics = stage(self._sequence_metrics)
         self._pullback = stage(self._logps_pullback)
-        self._adam = stage(lambda *args: adam_update(b, *args))
-        self._threads = b.set_threads(threads)
+        self._adam = stage(partial(adam_update, backend))
+        self._threads = backend.set_threads(threads)
 
     # --- the model ------------------------------------------------------------------------
-    def _logps(self, params: Params, toks: Array, mask: Array) -> tuple[Array, Array]:
+    def unflatten(self, flat: Array) -> Params:
+        """The model's parameter dict: reshaped slices (views) of the flat vector."""
+        out, start = {}, 0
+        for name, shape in self._shapes.items():
+            size = math.prod(shape)
+            out[name] = self.b.reshape(flat[start : start + size], shape)
+            start += size
+        return out
+
+    def _logps(self, flat: Array, toks: Array, mask: Array) -> tuple[Array, Array]:
         from gategrad import token_logps
 
-        return token_logps(transformer_logits(params, toks, self.cfg), toks, mask)  # type: ignore[no-any-return]
+        logits = transformer_logits(self.unflatten(flat), toks, self.cfg)
+        return token_logps(logits, toks, mask)
 
-    def _sequence_metrics(self, params: Params, toks: Array, mask: Array) -> dict[str, Array]:
+    def _sequence_metrics(self, flat: Array, toks: Array, mask: Array) -> dict[str, Array]:
         from gategrad.metrics import sequence_metrics
 
-        return sequence_metrics(transformer_logits(params, toks, self.cfg), toks, mask)
+        return sequence_metrics(
+            transformer_logits(self.unflatten(flat), toks, self.cfg), toks, mask
+        )
 
-    def _logps_pullback(self, params: Params, toks: Array, mask: Array, cot: Array) -> Params:
+    def _logps_pullback(self, flat: Array, toks: Array, mask: Array, cot: Array) -> Array:
         """``cot^T d lp / d params`` (the forward runs again: staged mode only)."""
-        _, pullback = self.b.vjp(lambda p: self._logps(p, toks, mask)[0], params)
-        return pullback(cot)  # type: ignore[no-any-return]
+        _, pullback = self.b.vjp(lambda p: self._logps(p, toks, mask)[0], flat)
+        return pullback(cot)
 
     # --- conversion -----------------------------------------------------------------------
     @contextmanager
@@ -219,10 +227,8 @@ class Engine:
 
     def batch(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[Array, Array]:
         """NumPy tokens and their (broadcast) mask as backend arrays."""
-        b = self.b
-        return b.from_numpy(tokens.astype(np.int32)), b.from_numpy(
-            _full(mask, len(tokens)).astype(np.int32)
-        )
+        full = np.broadcast_to(mask, (len(tokens), mask.shape[-1]))
+        return self.b.from_numpy(tokens.astype(np.int32)), self.b.from_numpy(full.astype(np.int32))
 
     def array(self, a: np.ndarray) -> Array:
         """A NumPy float array as a backend array of the engine's dtype."""
@@ -236,23 +242,26 @@ class Engine:
         """Restore the thread count that was set before this engine."""
         self.b.set_threads(self._threads)
 
-    def load(self, np_params: dict[str, np.ndarray]) -> Params:
+    def load(self, np_params: dict[str, np.ndarray]) -> Array:
+        """The flat parameter vector of ``np_params`` (the keys of ``init_transformer_params``)."""
+        b = self.b
         with self.scope():
-            return params_from_numpy(np_params, self.b.name, self.dtype)
+            params = params_from_numpy(np_params, b.name, self.dtype)
+            return b.concatenate([b.reshape(params[k], (-1,)) for k in self._shapes])
 
-    def token_logps(self, params: Params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def token_logps(self, params: Array, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with self.scope():
             lp, _ = self._forward(params, *self.batch(tokens, mask))
             return self.numpy(lp)
 
     def evaluate(
-        self, params: Params, tokens: np.ndarray, mask: np.ndarray
+        self, params: Array, tokens: np.ndarray, mask: np.ndarray
     ) -> dict[str, np.ndarray]:
         with self.scope():
             m = self._metrics(params, *self.batch(tokens, mask))
             return {k: self.numpy(v) for k, v in m.items()}
 
-    def trainer(self, params: Params, lr: float) -> Trainer:
+    def trainer(self, params: Array, lr: float) -> Trainer:
         return Trainer(self, params, lr)
 
     # --- gradients ------------------------------------------------------------------------
@@ -274,25 +283,22 @@ class Engine:
         return self._cache[key]
 
     def loss_and_grads(
-        self, fn: Callable[..., Any], params: Params, toks: Array, mask: Array, *refs: Array
-    ) -> tuple[Array, Array, Params]:
+        self, fn: Callable[..., Any], params: Array, toks: Array, mask: Array, *refs: Array
+    ) -> tuple[Array, Array, Array]:
         """``(loss, gate, d loss / d params)`` of an objective from :meth:`objective`."""
         b = self.b
+        # from a (1,) array: torch's from_numpy makes a 0-d array 1-d
         z = b.reshape(b.from_numpy(np.zeros(1), dtype=self.dtype), ())
         if self.staged:
             lp, valid = self._forward(params, toks, mask)
             loss, (cot, gate) = fn(lp, valid, z, *refs)
             return loss, gate, self._pullback(params, toks, mask, cot)
-        names = list(params)
 
-        def whole(*args: Array) -> Array:
-            lp, valid = self._logps(dict(zip(names, args, strict=False)), toks, mask)
-            return fn(lp, valid, args[-1], *refs)
+        def whole(flat: Array, z1: Array) -> Array:
+            return fn(*self._logps(flat, toks, mask), z1, *refs)
 
-        loss, grads = b.value_and_grad(
-            whole, [*params.values(), z], argnums=tuple(range(len(names) + 1))
-        )
-        return loss, grads[-1], dict(zip(names, grads, strict=False))
+        loss, (grads, gate) = b.value_and_grad(whole, [params, z], argnums=(0, 1))
+        return loss, gate, grads
 
 
 def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -302,15 +308,20 @@ def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Trainer:
     """Adam from ``params`` (not modified) with learning rate ``lr``."""
 
-    def __init__(self, engine: Engine, params: Params, lr: float) -> None:
-        b = engine.b
-        self.e, self.params, self.lr, self.t = engine, dict(params), lr, 0
+    def __init__(self, engine: Engine, params: Array, lr: float) -> None:
+        self.e, self.params, self.lr, self.t = engine, params, lr, 0
         with engine.scope():
-            self._m = b.tree_map(lambda p: p * 0.0, self.params)
-            self._v = b.tree_map(lambda p: p * 0.0, self.params)
+            self._m = engine.b.full_like(params, 0.0)
+            self._v = engine.b.full_like(params, 0.0)
 
-    def _step(self, key: Any, build: Callable[[], Objective], tokens: np.ndarray,
-              mask: np.ndarray, *refs: np.ndarray) -> tuple[float, float]:
+    def _step(
+        self,
+        key: Any,
+        build: Callable[[], Objective],
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        *refs: np.ndarray,
+    ) -> tuple[float, float]:
         e = self.e
         with e.scope():
             fn = e.objective(key, build)
