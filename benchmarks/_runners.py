@@ -189,7 +189,8 @@ class FrameworkOps:
     as the arrays may live elsewhere). ``value_and_grad(backend, fn)``: a traceable
     ``params -> (value, grads)``. ``block(backend, tree, device)``: wait until ``tree`` is
     computed. ``peak``: the peak-memory counter. ``log_softmax``: the fused kernel section 2
-    compares with.
+    compares with. ``retain_grads``: as ``.grad`` does, a call's gradient stays allocated until
+    the next call releases it, first thing (the memory counter sees it freed, not held).
     """
 
     optimizer: Callable[[Backend, Params], Optimizer]
@@ -202,6 +203,7 @@ class FrameworkOps:
     peak: Callable[[Backend, _memory.Probe], dict[str, Any]] = _no_peak
     log_softmax: Callable[[Backend, Any], Any] = _log_softmax
     rss: bool = False
+    retain_grads: bool = False
 
 
 FRAMEWORK_OPS: dict[str, FrameworkOps] = {
@@ -213,6 +215,7 @@ FRAMEWORK_OPS: dict[str, FrameworkOps] = {
         peak=_memory.torch_peak,
         log_softmax=lambda backend, x: x.log_softmax(-1),
         rss=True,
+        retain_grads=True,
     ),
     "jax": FrameworkOps(
         optimizer=_OptaxAdamW,
@@ -521,7 +524,16 @@ class LogpsCase:
         if LOGPS_MODES[fw].compiled:
             fn = ops.compile(b, fn, CompileSpec(example_args=(x,)))
         self.compiled = fn
-        self.run = lambda: ops.block(b, fn(x), device)
+        self.last: Any = None
+
+        def run() -> None:
+            self.last = None
+            out = fn(x)
+            ops.block(b, out, device)
+            if ops.retain_grads:
+                self.last = out
+
+        self.run = run
 
     def framework_peak(self) -> dict[str, Any]:
         """Peak memory of one call on top of the inputs, from the framework's counter."""

@@ -23,7 +23,7 @@ It is never guessed from ``log_probs != 0``: a log-prob of exactly ``0.0`` is a 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -118,6 +118,14 @@ def _token_logps_nograd(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return torch.stack(out) if out else logits.new_zeros((0, logits.shape[1]), dtype=torch.float32)
 
 
+class _Call(NamedTuple):
+    """One forward call of the hooked module: its positional and keyword inputs and output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+
 class GateHook:
     """A registered gate hook. ``remove()`` (or leaving the ``with`` block) unregisters it.
 
@@ -184,10 +192,11 @@ class GateHook:
         rows = _resolve_rows(self.rejected_rows, x.shape[0], x.device)
         self.calls += 1
         self.last_stats = None
+        call = _Call(args, kwargs, output)
         if key == "log_probs":
-            gated = self._gate_log_probs(x, rows, args, kwargs, output)
+            gated = self._gate_log_probs(x, rows, call)
         else:
-            gated = self._gate_logits(x, rows, args, kwargs, output)
+            gated = self._gate_logits(x, rows, call)
         return _set(output, key, gated)
 
     def _pick_output(self, output: Any) -> tuple[str, torch.Tensor]:
@@ -233,14 +242,8 @@ class GateHook:
             return ids[:, 1:], False
         return None, False
 
-    def _gate_log_probs(
-        self,
-        lp: torch.Tensor,
-        rows: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        output: Any,
-    ) -> torch.Tensor:
+    def _gate_log_probs(self, lp: torch.Tensor, rows: Any, call: _Call) -> torch.Tensor:
+        args, kwargs, output = call
         if lp.ndim != 2:
             raise ValueError(f"log_probs must have shape (N, T), got {tuple(lp.shape)}")
         mask = self._user_mask(args, kwargs, output)
@@ -262,14 +265,8 @@ class GateHook:
         weight = self._row_weights(lp.detach(), mask, rows)
         return lp if weight is None else scale_grad(lp, weight)
 
-    def _gate_logits(
-        self,
-        logits: torch.Tensor,
-        rows: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        output: Any,
-    ) -> torch.Tensor:
+    def _gate_logits(self, logits: torch.Tensor, rows: Any, call: _Call) -> torch.Tensor:
+        args, kwargs, output = call
         if logits.ndim != 3:
             raise ValueError(f"logits must have shape (N, L, V), got {tuple(logits.shape)}")
         shift_labels = kwargs.get("shift_labels")

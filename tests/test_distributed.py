@@ -19,6 +19,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from _backends import stacked_pair_loss
 
 torch = pytest.importorskip("torch", reason="the DDP test needs PyTorch")
 
@@ -90,18 +91,7 @@ def dpo_step_grads(model, ref, local, mode: str) -> tuple[float, dict[str, torch
     lp, mask = gategrad.token_logps(logits, ids, resp)
     with torch.no_grad():
         ref_lp, _ = gategrad.token_logps(ref(ids, attention_mask=attn), ids, resp)
-    n = lp.shape[0] // 2
-    loss, _ = gategrad.preference_loss(
-        "sigmoid",
-        lp[:n],
-        lp[n:],
-        ref_lp[:n],
-        ref_lp[n:],
-        beta=0.5,
-        gate=GATE if mode == "loss" else None,
-        chosen_mask=mask[:n],
-        rejected_mask=mask[n:],
-    )
+    loss, _ = stacked_pair_loss(lp, ref_lp, mask, beta=0.5, gate=GATE if mode == "loss" else None)
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in inner.named_parameters()}
     inner.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from _backends import stacked_pair_loss
 
 jax = pytest.importorskip("jax", reason="install the jax extra")
 optax = pytest.importorskip("optax", reason="install the optax extra")
@@ -55,18 +56,7 @@ def torch_loss_fn(example, gate, metrics_out: dict):
         lp, mask = logps(params)
         with torch.no_grad():
             ref_lp, _ = logps(ref)
-        n = lp.shape[0] // 2
-        loss, metrics = gategrad.preference_loss(
-            "sigmoid",
-            lp[:n],
-            lp[n:],
-            ref_lp[:n],
-            ref_lp[n:],
-            beta=0.1,
-            gate=gate,
-            chosen_mask=mask[:n],
-            rejected_mask=mask[n:],
-        )
+        loss, metrics = stacked_pair_loss(lp, ref_lp, mask, beta=0.1, gate=gate)
         metrics_out.update({k: float(v) for k, v in metrics.items()})
         return loss
 

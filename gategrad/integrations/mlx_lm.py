@@ -43,14 +43,10 @@ __all__ = [
 
 
 def _mx() -> Any:
-    try:
-        import mlx.core as mx
-    except ImportError as err:  # pragma: no cover - exercised only without mlx
-        raise ImportError(
-            "gategrad.integrations.mlx_lm needs MLX and mlx-lm: pip install 'gategrad[mlx-lm]' "
-            "(on Linux this installs mlx[cpu] and mlx-lm[cpu])"
-        ) from err
-    return mx
+    """``mlx.core``; ``ImportError`` naming the pip extra when MLX is missing."""
+    from .._backend import get_backend
+
+    return get_backend("mlx").framework
 
 
 def make_batch(

@@ -8,7 +8,7 @@ from typing import Any
 
 from gategrad._gate import SHAPE_DEFAULTS
 
-from .config import MODEL_DEFAULTS, LabConfig
+from .config import MODEL_DEFAULTS, TRANSFORMER_BACKENDS, LabConfig
 from .methods import GATE_KINDS, LOSS_LABELS
 
 __all__ = ["add_lab_parser", "config_from_args", "main_lab"]
@@ -265,6 +265,14 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     return lab
 
 
+def _copy(args: argparse.Namespace, target: Any, names: dict[str, str]) -> None:
+    """``target.<attr> = args.<arg>`` for each ``arg: attr`` given on the command line."""
+    for arg, attr in names.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(target, attr, value)
+
+
 def config_from_args(args: argparse.Namespace, *, sweep: bool = False) -> LabConfig:
     """A :class:`LabConfig` from parsed arguments (``--config`` first, then flags)."""
     cfg = LabConfig.load(args.config) if args.config else LabConfig()
@@ -276,38 +284,19 @@ def config_from_args(args: argparse.Namespace, *, sweep: bool = False) -> LabCon
         cfg.model = args.model
         if args.config:  # a model switch invalidates the saved model-specific defaults
             cfg.backend = cfg.steps = cfg.lr = cfg.eval_every = cfg.out_dir = None
-    if args.model is None and args.config is None and args.backend in ("torch", "jax", "mlx"):
+    if args.model is None and args.config is None and args.backend in TRANSFORMER_BACKENDS:
         cfg.model = "transformer"  # a deep-learning backend implies the transformer
-    if args.model == "transformer" and args.backend is None and cfg.backend == "numpy":
-        cfg.backend = None
-    simple = {
-        "backend": "backend",
-        "seeds": "seeds",
-        "steps": "steps",
-        "lr": "lr",
-        "beta": "beta",
-        "eval_every": "eval_every",
-        "out": "out_dir",
-    }
-    for arg, attr in simple.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(cfg, attr, value)
+    toy_backend = MODEL_DEFAULTS["toy"]["backend"]
+    if args.model == "transformer" and args.backend is None and cfg.backend == toy_backend:
+        cfg.backend = None  # the toy's backend does not carry over to the transformer
+    _copy(args, cfg, {"backend": "backend", "seeds": "seeds", "steps": "steps", "lr": "lr"})
+    _copy(args, cfg, {"beta": "beta", "eval_every": "eval_every", "out": "out_dir"})
     if args.sft_steps is not None:
         cfg.toy.sft_steps = args.sft_steps
         cfg.transformer.sft_steps = args.sft_steps
-    tr = {
-        "pairs": "n_pairs",
-        "batch_size": "batch_size",
-        "d_model": "d_model",
-        "layers": "n_layers",
-        "dtype": "dtype",
-        "threads": "threads",
-    }
-    for arg, attr in tr.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(cfg.transformer, attr, value)
+    _copy(args, cfg.transformer, {"pairs": "n_pairs", "batch_size": "batch_size"})
+    _copy(args, cfg.transformer, {"d_model": "d_model", "layers": "n_layers", "dtype": "dtype"})
+    _copy(args, cfg.transformer, {"threads": "threads"})
     if args.d_model is not None:
         cfg.transformer.d_ff = 2 * args.d_model
     if not sweep:

@@ -134,10 +134,10 @@ class LabConfig:
         for name in ("backend", "steps", "lr", "eval_every"):
             if getattr(out, name) is None:
                 setattr(out, name, d[name])
-        if self.model == "toy" and out.backend != "numpy":
+        if self.model == "toy" and out.backend != MODEL_DEFAULTS["toy"]["backend"]:
             raise ValueError(
-                f"the toy model runs on the numpy backend only (got {out.backend!r}); "
-                "use --model transformer for torch, jax or mlx"
+                f"the toy model runs on the {MODEL_DEFAULTS['toy']['backend']} backend only "
+                f"(got {out.backend!r}); use --model transformer for {TRANSFORMER_BACKENDS}"
             )
         if self.model == "transformer" and out.backend not in TRANSFORMER_BACKENDS:
             raise ValueError(
