@@ -16,6 +16,7 @@ import numpy as np
 import gategrad
 
 from ._config import LOGPS_MODES, StepSize
+from ._runners import FRAMEWORK_OPS
 
 _LSCPU_KEYS = (
     "Model name",
@@ -47,17 +48,9 @@ def machine() -> dict[str, Any]:
     for mod in ("gategrad", "torch", "jax", "jaxlib", "trl"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[mod] = metadata.version(mod)
-    if gategrad.is_available("mlx"):
-        mx = gategrad.get_backend("mlx").framework
-        info["mlx"] = str(getattr(mx, "__version__", "?"))
-        info["mlx_device"] = str(mx.default_device())
-    if gategrad.is_available("jax"):
-        info["jax_backend"] = gategrad.get_backend("jax").framework.default_backend()
-    if gategrad.is_available("torch"):
-        torch = gategrad.get_backend("torch").framework
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["cuda_device"] = torch.cuda.get_device_name(0)
+    for name, ops in FRAMEWORK_OPS.items():
+        if gategrad.is_available(name):
+            info.update(ops.describe(gategrad.get_backend(name)))
     return info
 
 

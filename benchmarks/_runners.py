@@ -180,6 +180,14 @@ def _log_softmax(backend: Backend, x: Any) -> Any:
     return x - backend.logsumexp(x)[..., None]
 
 
+def _describe_torch(backend: Backend) -> dict[str, Any]:
+    torch = backend.framework
+    info: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
 @dataclasses.dataclass(frozen=True)
 class FrameworkOps:
     """What the benchmark needs of a framework beyond its backend object.
@@ -191,6 +199,8 @@ class FrameworkOps:
     computed. ``peak``: the peak-memory counter. ``log_softmax``: the fused kernel section 2
     compares with. ``retain_grads``: as ``.grad`` does, a call's gradient stays allocated until
     the next call releases it, first thing (the memory counter sees it freed, not held).
+    ``on_gpu``: whether the framework's default device is a GPU (one without a ``--device``).
+    ``describe``: what the report's machine line says of the framework (threads, device).
     """
 
     optimizer: Callable[[Backend, Params], Optimizer]
@@ -204,6 +214,8 @@ class FrameworkOps:
     log_softmax: Callable[[Backend, Any], Any] = _log_softmax
     rss: bool = False
     retain_grads: bool = False
+    on_gpu: Callable[[Backend], bool] = lambda backend: False
+    describe: Callable[[Backend], dict[str, Any]] = lambda backend: {}
 
 
 FRAMEWORK_OPS: dict[str, FrameworkOps] = {
@@ -216,6 +228,7 @@ FRAMEWORK_OPS: dict[str, FrameworkOps] = {
         log_softmax=lambda backend, x: x.log_softmax(-1),
         rss=True,
         retain_grads=True,
+        describe=_describe_torch,
     ),
     "jax": FrameworkOps(
         optimizer=_OptaxAdamW,
@@ -223,9 +236,19 @@ FRAMEWORK_OPS: dict[str, FrameworkOps] = {
         block=_jax_block,
         peak=_memory.jax_peak,
         log_softmax=lambda backend, x: backend.framework.nn.log_softmax(x, axis=-1),
+        describe=lambda backend: {"jax_backend": backend.framework.default_backend()},
     ),
     "mlx": FrameworkOps(
-        optimizer=_MlxAdamW, value_and_grad=_mlx_value_and_grad, peak=_memory.mlx_peak
+        optimizer=_MlxAdamW,
+        value_and_grad=_mlx_value_and_grad,
+        peak=_memory.mlx_peak,
+        on_gpu=lambda backend: bool(
+            backend.framework.default_device().type == backend.framework.DeviceType.gpu
+        ),
+        describe=lambda backend: {
+            "mlx": str(getattr(backend.framework, "__version__", "?")),
+            "mlx_device": str(backend.framework.default_device()),
+        },
     ),
 }
 

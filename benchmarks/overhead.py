@@ -66,6 +66,7 @@ from benchmarks._config import (
     log,
 )
 from benchmarks._report import machine, render
+from benchmarks._runners import ops_for
 from benchmarks._sections import (
     child_main,
     mechanism_section,
@@ -140,12 +141,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _mlx_on_gpu() -> bool:
-    """Whether MLX computes on a GPU by default (then it gets the common model size)."""
-    mx = gategrad.get_backend("mlx").framework
-    return bool(mx.default_device().type == mx.DeviceType.gpu)
-
-
 def make_config(args: argparse.Namespace) -> Config:
     modes = tuple(m for m in args.modes.split(",") if m)
     unknown = sorted(set(modes) - set(STEP_MODES))
@@ -168,8 +163,10 @@ def make_config(args: argparse.Namespace) -> Config:
     step = dataclasses.replace(step, **overrides)
     mlx = STEP_MODES["mlx-compile"]
     mlx_size = STEP_SMOKE if smoke else (mlx.cpu_size or step)
-    if not smoke and gategrad.is_available(mlx.framework) and _mlx_on_gpu():
-        mlx_size = step
+    if not smoke and gategrad.is_available(mlx.framework):
+        backend = gategrad.get_backend(mlx.framework)
+        if ops_for(backend).on_gpu(backend):  # a GPU: the common size
+            mlx_size = step
     logps = LOGPS_SMOKE if smoke else LOGPS_FULL
     n_logps = len(LOGPS_MODES) * len(PASSES) * len(logps.vocabs)
     planned = len(modes) * args.step_budget * ("step" in sections) + n_logps * args.logps_budget * (

@@ -74,17 +74,8 @@ def loss_fn(
     """``(loss, metrics)`` of gated DPO: ``preference_loss`` on per-token log-probs."""
     logps, mask = token_logps(params, batch, cfg)
     ref_logps, _ = token_logps(jax.lax.stop_gradient(ref_params), batch, cfg)
-    n = logps.shape[0] // 2
-    return gategrad.preference_loss(
-        loss_type,
-        logps[:n],
-        logps[n:],
-        ref_logps[:n],
-        ref_logps[n:],
-        beta=beta,
-        gate=gate,
-        chosen_mask=mask[:n],
-        rejected_mask=mask[n:],
+    return gategrad.stacked_preference_loss(
+        loss_type, logps, ref_logps, mask=mask, beta=beta, gate=gate
     )
 
 

@@ -90,15 +90,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         batch = gm.make_batch(*synthetic_pairs(rng, args.batch))
         t0 = time.perf_counter()
         loss, metrics = step(batch)
-        row = {"step": i + 1, "loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        shown = "  ".join(
-            f"{k}={v:.4f}"
-            for k, v in row.items()
-            if k in ("loss", "rewards/margins", "rewards/accuracies", "gate/mean", "gate/p_mean")
+        seconds = time.perf_counter() - t0
+        values = {k: v.item() for k, v in metrics.items()}
+        history.append({"step": i + 1, "loss": loss.item(), **values, "seconds": seconds})
+        print(
+            f"step {i + 1:3d}  loss={loss.item():.4f}  margin={values['rewards/margins']:.4f}  "
+            f"gate={values.get('gate/mean', 1.0):.3f}  ({seconds:.2f} s)"
         )
-        print(f"step {i + 1:3d}  {shown}")
     return history
 
 

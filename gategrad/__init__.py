@@ -39,6 +39,7 @@ from .losses import (
     preference_loss,
     robust_dpo_loss,
     simpo_loss,
+    stacked_preference_loss,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "robust_dpo_loss",
     "scale_grad",
     "simpo_loss",
+    "stacked_preference_loss",
     "token_logps",
     "value_checks",
 ]

@@ -76,6 +76,7 @@ __all__ = [
     "preference_loss",
     "robust_dpo_loss",
     "simpo_loss",
+    "stacked_preference_loss",
 ]
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -404,6 +405,59 @@ def preference_loss(
     if stats is not None:
         metrics.update(_gate_metrics(ops, stats, cdtype))
     return loss, metrics
+
+
+def stacked_preference_loss(
+    loss_type: str,
+    policy_logps: Array,
+    ref_logps: Array | None = None,
+    *,
+    mask: Array | None = None,
+    lengths: Array | int | None = None,
+    **options: Any,
+) -> LossResult:
+    """:func:`preference_loss` on a stacked ``[chosen; rejected]`` batch.
+
+    The layout of a concatenated forward pass (TRL's, mlx-lm's): rows ``:B`` hold the chosen
+    responses and rows ``B:`` the rejected ones of the same prompts.
+
+    Args:
+        loss_type: one of :data:`LOSS_TYPES`.
+        policy_logps: ``(2B, T)`` per-token or ``(2B,)`` per-sequence log-probs.
+        ref_logps: the reference model's, same layout (``None`` for ``simpo``).
+        mask: ``(2B, T)`` mask of per-token inputs.
+        lengths: ``(2B,)`` token counts (or one int) of per-sequence inputs.
+        **options: every other keyword of :func:`preference_loss` (``beta``, ``gate``, the loss
+            type's own parameters...).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`preference_loss`.
+    """
+    rows = int(policy_logps.shape[0]) if getattr(policy_logps, "ndim", 0) >= 1 else -1
+    if rows < 0 or rows % 2:
+        raise ValueError(
+            f"policy_logps must stack [chosen; rejected] rows, an even number, got shape "
+            f"{tuple(getattr(policy_logps, 'shape', ()))}"
+        )
+    n = rows // 2
+
+    def halves(x: Any) -> tuple[Any, Any]:
+        return (None, None) if x is None else (x[:n], x[n:])
+
+    (pc, pr), (rc, rr), (mc, mr) = halves(policy_logps), halves(ref_logps), halves(mask)
+    lc, lr = (lengths, lengths) if lengths is None or check.is_number(lengths) else halves(lengths)
+    return preference_loss(
+        loss_type,
+        pc,
+        pr,
+        rc,
+        rr,
+        chosen_mask=mc,
+        rejected_mask=mr,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        **options,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,16 +101,5 @@ def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, **extra: A
 
 
 def stacked_pair_loss(lp: Any, ref_lp: Any, mask: Any, **kwargs: Any) -> Any:
-    """DPO (``preference_loss('sigmoid', ...)``) on per-token log-probs of a stacked
-    ``[chosen; rejected]`` batch, the rows' order TRL uses; returns ``(loss, metrics)``."""
-    n = lp.shape[0] // 2
-    return gategrad.preference_loss(
-        "sigmoid",
-        lp[:n],
-        lp[n:],
-        ref_lp[:n],
-        ref_lp[n:],
-        chosen_mask=mask[:n],
-        rejected_mask=mask[n:],
-        **kwargs,
-    )
+    """DPO on per-token log-probs of a stacked ``[chosen; rejected]`` batch."""
+    return gategrad.stacked_preference_loss("sigmoid", lp, ref_lp, mask=mask, **kwargs)

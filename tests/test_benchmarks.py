@@ -54,6 +54,31 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return report
 
 
+def test_help_lists_every_flag() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in (
+        "--smoke",
+        "--device",
+        "--out",
+        "--sections",
+        "--modes",
+        "--layers",
+        "--seq",
+        "--vocab",
+        "--deadline",
+        "--step-budget",
+        "--logps-budget",
+        "--min-reps",
+        "--max-reps",
+        "--rss",
+        "--torch-backend",
+    ):
+        assert flag in proc.stdout, flag
+
+
 @pytest.mark.slow
 def test_smoke_writes_every_section(smoke: dict[str, Any]) -> None:
     assert {"meta", "step", "mechanism", "gate_cost", "logps"} <= set(smoke)

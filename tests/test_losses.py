@@ -750,3 +750,34 @@ def test_mixed_layouts(backend):
         assert to_np(loss) == pytest.approx(want, rel=rtol)
     loss, _ = gategrad.simpo_loss(pw, s["pl"], chosen_mask=mw, rejected_lengths=s["nl"])
     assert to_np(loss) == pytest.approx(ref_loss("simpo", sums, 0.1, {}), rel=rtol)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_stacked_preference_loss_equals_the_split_call(per_token: bool) -> None:
+    """``stacked_preference_loss`` on ``[chosen; rejected]`` rows is ``preference_loss`` on the
+    two halves, bitwise (the same arithmetic on the same slices)."""
+    rng = np.random.default_rng(3)
+    shape = (6, 5) if per_token else (6,)
+    lp, ref = (np.log(rng.uniform(0.05, 1.0, shape)) for _ in range(2))
+    extra: dict = {}
+    split: dict = {}
+    if per_token:
+        mask = rng.uniform(size=shape) < 0.8
+        mask[:, 0] = True
+        extra["mask"] = mask
+        split = {"chosen_mask": mask[:3], "rejected_mask": mask[3:]}
+    else:
+        extra["lengths"] = np.array([3.0, 4, 5, 2, 6, 1])
+        split = {"chosen_lengths": extra["lengths"][:3], "rejected_lengths": extra["lengths"][3:]}
+    gate = Gate(estimator="seq")
+    got, got_m = gategrad.stacked_preference_loss("ipo", lp, ref, beta=0.3, gate=gate, **extra)
+    want, want_m = gategrad.preference_loss(
+        "ipo", lp[:3], lp[3:], ref[:3], ref[3:], beta=0.3, gate=gate, **split
+    )
+    assert float(got) == float(want)
+    assert {k: float(v) for k, v in got_m.items()} == {k: float(v) for k, v in want_m.items()}
+
+
+def test_stacked_preference_loss_needs_an_even_number_of_rows() -> None:
+    with pytest.raises(ValueError, match="an even number"):
+        gategrad.stacked_preference_loss("sigmoid", np.zeros(3), np.zeros(3), lengths=1)

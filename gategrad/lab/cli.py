@@ -156,30 +156,19 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
         "token probability of the rejected response; token: our per-token log-space gate "
         "sigmoid((log p - log tau)/T); zero: drop the rejected gradient (baseline)",
     )
-    g.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help=f"alpha of the seq/q10 gate (default {_SIG['alpha']:g})",
-    )
-    g.add_argument(
-        "--tau",
-        type=float,
-        default=None,
-        help=f"tau of the seq/q10 gate, a probability (default {_SIG['tau']:g})",
-    )
-    g.add_argument(
-        "--log-tau",
-        type=float,
-        default=None,
-        help=f"tau of the per-token log-space gate, a probability (default {_LOG['tau']:g})",
-    )
-    g.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help=f"temperature T of the per-token log-space gate (default {_LOG['temperature']:g})",
-    )
+    for flag, what in (
+        ("--alpha", f"alpha of the seq/q10 gate (default {_SIG['alpha']:g})"),
+        ("--tau", f"tau of the seq/q10 gate, a probability (default {_SIG['tau']:g})"),
+        (
+            "--log-tau",
+            f"tau of the per-token log-space gate, a probability (default {_LOG['tau']:g})",
+        ),
+        (
+            "--temperature",
+            f"temperature T of the per-token log-space gate (default {_LOG['temperature']:g})",
+        ),
+    ):
+        g.add_argument(flag, type=float, default=None, help=what)
     g.add_argument(
         "--dpo-shift-lam",
         type=float,
