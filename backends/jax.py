@@ -21,7 +21,7 @@ except ImportError as err:  # pragma: no cover - exercised only without jax
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, GradJob
+from gategrad._backend import Array, Backend, CompileJob, DTypeName, GradJob, MemoryJob, PeakMemory
 from gategrad._gate import NUMERIC_FIELDS, STATIC_FIELDS, Gate
 
 
@@ -60,6 +60,32 @@ if not getattr(Gate, "_jax_pytree_registered", False):
 assert {f.name for f in dataclasses.fields(Gate)} == set(NUMERIC_FIELDS) | set(STATIC_FIELDS)
 
 
+class _AdamW:
+    """``optax.adamw``: a pure update, its state passed in and out."""
+
+    def __init__(self, lr: float, weight_decay: float) -> None:
+        try:
+            import optax
+        except ImportError as err:
+            raise ImportError(
+                "the JAX backend's AdamW needs optax: pip install 'gategrad[optax]'"
+            ) from err
+        self.optax = optax
+        self.tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    def init(self, params: dict[str, Array]) -> Any:
+        return self.tx.init(params)
+
+    def update(
+        self, params: dict[str, Array], grads: dict[str, Array], state: Any
+    ) -> tuple[dict[str, Array], Any]:
+        updates, state = self.tx.update(grads, state, params)
+        return self.optax.apply_updates(params, updates), state
+
+    def zero_grad(self) -> None:
+        pass
+
+
 def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -82,6 +108,9 @@ class JaxBackend(Backend):
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         return jax.nn.softmax(x, axis=axis)
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        return jax.nn.log_softmax(x, axis=axis)
 
     def dtype(self, name: DTypeName) -> Any:
         return jnp.dtype(bool) if name == "bool_" else jnp.dtype(name)
@@ -132,8 +161,12 @@ class JaxBackend(Backend):
         return fused_logps(self, logits, labels, cdtype)
 
     # --- tooling ----------------------------------------------------------------------------
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        return jax.jit(fn)
+    def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:
+        """``jax.jit(fn, donate_argnums=donate)``, compiled ahead of time for
+        ``example_args`` when given (then it takes arguments of their shapes only);
+        ``compiler``, ``fullgraph`` and ``reset`` are ignored."""
+        jitted = jax.jit(fn, donate_argnums=job.donate)
+        return jitted if job.example_args is None else jitted.lower(*job.example_args).compile()
 
     def _value_and_grad(self, job: GradJob) -> Any:
         run = self._maybe_compile(jax.value_and_grad(job.fn, argnums=job.argnums), job)
@@ -149,8 +182,33 @@ class JaxBackend(Backend):
         out, pullback = jax.vjp(fn, primal)
         return out, lambda cot: pullback(cot)[0]
 
+    def evaluate(self, *arrays: Any) -> None:
+        jax.block_until_ready(arrays)
+
     def tree_map(self, fn: Callable[..., Array], *trees: dict[str, Array]) -> dict[str, Array]:
         return jax.tree_util.tree_map(fn, *trees)
+
+    def adamw(self, params: dict[str, Array], lr: float, weight_decay: float = 0.01) -> _AdamW:
+        """``optax.adamw`` (optax is an optional dependency: ``gategrad[optax]``)."""
+        return _AdamW(lr, weight_decay)
+
+    def default_device_is_gpu(self) -> bool:
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+    def _peak_memory(self, job: MemoryJob) -> PeakMemory | None:
+        """XLA's ``memory_analysis()`` of ``compiled`` (from ``compile(example_args=...)``):
+        its temporary buffers, without calling ``run``; with the device's
+        ``peak_bytes_in_use`` where it reports one."""
+        analysis = getattr(job.compiled, "memory_analysis", lambda: None)()
+        if analysis is None:
+            return None
+        stats = jax.devices()[0].memory_stats() or {}
+        return PeakMemory(
+            "XLA memory_analysis", analysis.temp_size_in_bytes, stats.get("peak_bytes_in_use")
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"jax_backend": jax.default_backend()}
 
 
 backend = JaxBackend()

@@ -9,6 +9,7 @@ on the CPU only; on Metal use float32 or bfloat16.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised only without mlx
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, GradJob
+from gategrad._backend import Array, Backend, CompileJob, DTypeName, GradJob, MemoryJob, PeakMemory
 
 
 @mx.custom_function
@@ -54,12 +55,37 @@ def _evaluated(value: Any, grads: Any) -> tuple[Any, tuple[Any, ...]]:
     return value, grads
 
 
+class _AdamW:
+    """``mlx.optimizers.AdamW`` with its state passed in and out (so ``mx.compile`` sees it)."""
+
+    def __init__(self, lr: float, weight_decay: float) -> None:
+        import mlx.optimizers
+
+        self.opt = mlx.optimizers.AdamW(
+            learning_rate=lr, weight_decay=weight_decay, bias_correction=True
+        )
+
+    def init(self, params: dict[str, Array]) -> Any:
+        self.opt.init(params)
+        return self.opt.state
+
+    def update(
+        self, params: dict[str, Array], grads: dict[str, Array], state: Any
+    ) -> tuple[dict[str, Array], Any]:
+        self.opt.state = state
+        return self.opt.apply_gradients(grads, params), self.opt.state
+
+    def zero_grad(self) -> None:
+        pass
+
+
 class MlxBackend(Backend):
     """:class:`gategrad._backend.Backend` for ``mlx.core.array``."""
 
     name = "mlx"
     xp = mx
     framework = mx
+    float64_tol = 1e-4  # float64 exp/log/tanh are ~1e-7 accurate (measured: docs/verification.md)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         return mx.softmax(x, axis=axis, precise=True)
@@ -134,7 +160,8 @@ class MlxBackend(Backend):
         return fused_logps(self, logits, labels, cdtype)
 
     # --- tooling ----------------------------------------------------------------------------
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:
+        """``mx.compile(fn)``; the options are ignored (MLX has none of them)."""
         return mx.compile(fn)
 
     def _value_and_grad(self, job: GradJob) -> Any:
@@ -146,16 +173,52 @@ class MlxBackend(Backend):
         return _evaluated(*self._maybe_compile(run, job)(*job.args))
 
     def vjp(self, fn: Callable[[Any], Array], primal: Any) -> tuple[Array, Callable[[Array], Any]]:
-        out = fn(primal)
+        """``mx.vjp`` takes lists of arrays and returns the outputs with the cotangents, so the
+        pullback evaluates ``fn`` again (MLX is lazy: the first evaluation is the returned
+        ``out``); the dict is flattened by its keys."""
+        keys = list(primal)
+
+        def flat(*leaves: Array) -> Array:
+            return fn(dict(zip(keys, leaves, strict=True)))
 
         def pullback(cot: Array) -> Any:
-            _, (grads,) = mx.vjp(lambda p: fn(p), [primal], [cot])
-            return grads
+            _, grads = mx.vjp(flat, [primal[k] for k in keys], [cot])
+            return dict(zip(keys, grads, strict=True))
 
-        return out, pullback
+        return fn(primal), pullback
+
+    def value_and_grad_fn(
+        self, fn: Callable[[dict[str, Array]], Array]
+    ) -> Callable[[dict[str, Array]], tuple[Array, dict[str, Array]]]:
+        """``mx.value_and_grad(fn)``: one forward (:meth:`vjp` recomputes it)."""
+        return mx.value_and_grad(fn)
+
+    def adamw(self, params: dict[str, Array], lr: float, weight_decay: float = 0.01) -> _AdamW:
+        """``mlx.optimizers.AdamW`` with ``bias_correction=True`` (MLX's default is ``False``;
+        torch and optax correct)."""
+        return _AdamW(lr, weight_decay)
 
     def evaluate(self, *arrays: Any) -> None:
         mx.eval(*arrays)
+
+    def default_device_is_gpu(self) -> bool:
+        return bool(mx.default_device().type == mx.DeviceType.gpu)
+
+    def _peak_memory(self, job: MemoryJob) -> PeakMemory | None:
+        """``mx.get_peak_memory()`` over one call, less the active memory before it (the
+        cache cleared first)."""
+        gc.collect()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        job.run()
+        return PeakMemory("mx.get_peak_memory", mx.get_peak_memory() - base)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mlx": str(getattr(mx, "__version__", "?")),
+            "mlx_device": str(mx.default_device()),
+        }
 
     @contextlib.contextmanager
     def device_scope(self, dtype: DTypeName) -> Iterator[None]:

@@ -22,6 +22,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
     framework = np
+    has_autograd = False
 
     def exp(self, x: Array) -> Array:
         with np.errstate(over="ignore", under="ignore"):

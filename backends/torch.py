@@ -12,6 +12,9 @@ dynamo cannot build a class).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +27,16 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, DTypeName, GradJob
+from gategrad._backend import (
+    Array,
+    Backend,
+    CompileJob,
+    DTypeName,
+    GradJob,
+    MemoryJob,
+    PeakMemory,
+    tree_leaves,
+)
 
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
@@ -88,6 +100,58 @@ class _ChunkLogps(torch.autograd.Function):
         return gx.to(block.dtype), None, None
 
 
+class _AdamW:
+    """``torch.optim.AdamW`` (``foreach``), updating the parameters in place (no state)."""
+
+    def __init__(self, params: dict[str, Array], lr: float, weight_decay: float) -> None:
+        self.opt = torch.optim.AdamW(
+            list(params.values()), lr=lr, weight_decay=weight_decay, foreach=True
+        )
+
+    def init(self, params: dict[str, Array]) -> None:
+        return None
+
+    def update(
+        self, params: dict[str, Array], grads: dict[str, Array], state: Any
+    ) -> tuple[dict[str, Array], Any]:
+        for k, p in params.items():
+            p.grad = grads[k]
+        self.opt.step()
+        return params, state
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _profiler_peak(fn: Callable[[], Any]) -> int | None:
+    """Peak of the CPU bytes allocated and still live inside ``fn``, from ``torch.profiler``.
+
+    The profiler's memory events (allocations positive, frees negative) are summed in time
+    order; the maximum of the running sum is the memory ``fn`` needs on top of what was live
+    before it. ``None`` (with a warning) where the profiler's private event API has moved.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+        cpu = torch.autograd.DeviceType.CPU
+        mem = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == cpu
+        )
+    except Exception as err:  # the profiler's event API is private and may move
+        warnings.warn(f"torch.profiler memory measurement unavailable: {err!r}", stacklevel=2)
+        return None
+    live = peak = 0
+    for _, nbytes in mem:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -105,12 +169,16 @@ class TorchBackend(Backend):
     name = "torch"
     xp = torch
     framework = torch
+    keeps_grads = True
 
     def log_sigmoid(self, x: Array) -> Array:
         return torch.nn.functional.logsigmoid(x)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         return torch.softmax(x, dim=axis)
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        return torch.log_softmax(x, dim=axis)
 
     def minimum(self, a: Array, b: Array | float) -> Array:
         return torch.clamp(a, max=b) if isinstance(b, (int, float)) else torch.minimum(a, b)
@@ -210,11 +278,20 @@ class TorchBackend(Backend):
         return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
 
     # --- tooling ----------------------------------------------------------------------------
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        # Every call compiles afresh: tests build new closures per example, which would
-        # otherwise pile up recompilations of one code object past dynamo's limit.
-        torch._dynamo.reset()
-        return torch.compile(fn, fullgraph=True, dynamic=False)
+    def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:
+        """``torch.compile(fn, fullgraph=fullgraph, dynamic=False, backend=compiler)``;
+        ``donate`` and ``example_args`` are ignored (dynamo compiles on the first call)."""
+        dyn = torch._dynamo
+        if job.reset:
+            # Every call compiles afresh: tests build new closures per example, which would
+            # otherwise pile up recompilations of one code object past dynamo's limit.
+            dyn.reset()
+        else:  # the graphs compiled before stay: let more of them live together
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dyn.config, knob):
+                    setattr(dyn.config, knob, max(64, getattr(dyn.config, knob)))
+        backend = job.compiler or "inductor"
+        return torch.compile(fn, fullgraph=job.fullgraph, dynamic=False, backend=backend)
 
     def _value_and_grad(self, job: GradJob) -> Any:
         args = [
@@ -247,11 +324,53 @@ class TorchBackend(Backend):
 
         return out.detach(), pullback
 
+    def evaluate(self, *arrays: Any) -> None:
+        """Wait for the device (CUDA kernels run asynchronously); a no-op on the CPU.
+        ``arrays`` may be trees (dicts, lists, tuples) of tensors."""
+        leaves = tree_leaves(arrays)
+        for device in {a.device for a in leaves if isinstance(a, torch.Tensor)}:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    def adamw(self, params: dict[str, Array], lr: float, weight_decay: float = 0.01) -> _AdamW:
+        """``torch.optim.AdamW(foreach=True)``, bound to the tensors of ``params``, which
+        ``update`` changes in place (its state is ``None``)."""
+        return _AdamW(params, lr, weight_decay)
+
     def set_threads(self, n: int) -> int:
         old = torch.get_num_threads()
         if n > 0:
             torch.set_num_threads(n)
         return old
+
+    def device_like(self, device: str) -> Array | None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"torch sees no CUDA device for {device!r}")
+        return torch.empty(0, device=dev)
+
+    def default_device_is_gpu(self) -> bool:
+        return torch.get_default_device().type == "cuda"
+
+    def _peak_memory(self, job: MemoryJob) -> PeakMemory | None:
+        """CUDA: ``max_memory_allocated`` over one call, less what was allocated before it.
+        CPU: the least over ``tries`` calls of ``torch.profiler``'s peak of live bytes."""
+        dev = torch.device(job.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            job.run()
+            peak = torch.cuda.max_memory_allocated(dev) - base
+            return PeakMemory("torch.cuda.max_memory_allocated", peak)
+        peaks = [p for p in (_profiler_peak(job.run) for _ in range(job.tries)) if p is not None]
+        return PeakMemory("torch.profiler", min(peaks)) if peaks else None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+        return info
 
 
 backend = TorchBackend()

@@ -1,4 +1,5 @@
-"""Peak memory: each framework's own counter, and the RSS of a subprocess per measurement.
+"""Peak memory: each framework's own counter (its backend's ``peak_memory``), and the RSS of a
+subprocess per measurement.
 
 - torch on CPU: ``torch.profiler``'s memory events (the peak of the live bytes allocated during
   one call); on CUDA: ``torch.cuda.max_memory_allocated``;
@@ -11,8 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
 import json
 import os
@@ -26,8 +25,6 @@ from typing import Any
 
 from gategrad import Backend
 
-from ._config import log
-
 #: The line prefix of a child's result.
 RESULT_TAG = "@@GATEGRAD-BENCH-RESULT@@"
 #: The script a child runs (with ``--_child``).
@@ -37,89 +34,24 @@ SCRIPT = Path(__file__).resolve().with_name("overhead.py")
 # framework counters
 
 
-@dataclasses.dataclass
-class Probe:
-    """What a framework counter measures: ``run`` (one synchronised call), the compiled
-    function it calls where one exists, the torch ``device``, and how many tries the least is
-    taken of (the first profiled call may count allocator warm-up)."""
-
-    run: Callable[[], None]
-    compiled: Any = None
-    device: str = "cpu"
-    tries: int = 1
-
-
-def torch_profiler_peak(fn: Callable[[], Any]) -> int | None:
-    """Peak of the CPU bytes allocated and still live inside ``fn``, from ``torch.profiler``.
-
-    The profiler's memory events (allocations positive, frees negative) are summed in time
-    order; the maximum of the running sum is the memory ``fn`` needs on top of what was live
-    before it.
-    """
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                fn()
-        events = prof.profiler.kineto_results.events()
-        cpu = torch.autograd.DeviceType.CPU
-        mem = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in events
-            if e.name() == "[memory]" and e.device_type() == cpu
-        )
-    except Exception as err:  # the profiler's event API is private and may move
-        log(f"torch.profiler memory measurement unavailable: {err!r}")
-        return None
-    live = peak = 0
-    for _, nbytes in mem:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def torch_peak(backend: Backend, probe: Probe) -> dict[str, Any]:
-    torch = backend.framework
-    device = torch.device(probe.device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        probe.run()
-        peak = torch.cuda.max_memory_allocated(device) - base
-        return {"counter": "torch.cuda.max_memory_allocated", "increment_mib": peak / 2**20}
-    peaks = [
-        p for p in (torch_profiler_peak(probe.run) for _ in range(probe.tries)) if p is not None
-    ]
-    if not peaks:
+def framework_peak(
+    backend: Backend,
+    run: Callable[[], None],
+    compiled: Any = None,
+    device: str = "cpu",
+    tries: int = 1,
+) -> dict[str, Any]:
+    """The framework's own peak-memory counter over ``run()`` (one synchronised call; see
+    :meth:`gategrad.Backend.peak_memory`) as the report's entry: ``counter``,
+    ``increment_mib`` and, where the device reports it, ``device_peak_mib``; ``{}`` where the
+    framework has no counter."""
+    peak = backend.peak_memory(run, compiled=compiled, device=device, tries=tries)
+    if peak is None:
         return {}
-    return {"counter": "torch.profiler", "increment_mib": min(peaks) / 2**20}
-
-
-def jax_peak(backend: Backend, probe: Probe) -> dict[str, Any]:
-    ma = probe.compiled.memory_analysis()
-    if ma is None:
-        return {}
-    out = {"counter": "XLA memory_analysis", "increment_mib": ma.temp_size_in_bytes / 2**20}
-    stats = backend.framework.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    out: dict[str, Any] = {"counter": peak.counter, "increment_mib": peak.increment_bytes / 2**20}
+    if peak.device_peak_bytes is not None:
+        out["device_peak_mib"] = peak.device_peak_bytes / 2**20
     return out
-
-
-def mlx_peak(backend: Backend, probe: Probe) -> dict[str, Any]:
-    mx = backend.framework
-    gc.collect()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    probe.run()
-    return {
-        "counter": "mx.get_peak_memory",
-        "increment_mib": (mx.get_peak_memory() - base) / 2**20,
-    }
 
 
 def mem_ratio(a: float | None, b: float | None) -> dict[str, float | None] | None:

@@ -16,7 +16,6 @@ import numpy as np
 import gategrad
 
 from ._config import LOGPS_MODES, StepSize
-from ._runners import FRAMEWORK_OPS
 
 _LSCPU_KEYS = (
     "Model name",
@@ -48,9 +47,9 @@ def machine() -> dict[str, Any]:
     for mod in ("gategrad", "torch", "jax", "jaxlib", "trl"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[mod] = metadata.version(mod)
-    for name, ops in FRAMEWORK_OPS.items():
+    for name in gategrad.BACKENDS:
         if gategrad.is_available(name):
-            info.update(ops.describe(gategrad.get_backend(name)))
+            info.update(gategrad.get_backend(name).describe())
     return info
 
 

@@ -66,7 +66,6 @@ from benchmarks._config import (
     log,
 )
 from benchmarks._report import machine, render
-from benchmarks._runners import ops_for
 from benchmarks._sections import (
     child_main,
     mechanism_section,
@@ -150,9 +149,10 @@ def make_config(args: argparse.Namespace) -> Config:
     if not sections or set(sections) - {"step", "logps"}:
         raise SystemExit(f"--sections {args.sections!r}: choose from step, logps")
     if args.device != "cpu":
-        torch = gategrad.get_backend("torch").framework
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+        try:
+            gategrad.get_backend("torch").device_like(args.device)
+        except RuntimeError as err:
+            raise SystemExit(f"--device {args.device}: {err}") from err
     smoke = args.smoke
     step = STEP_SMOKE if smoke else STEP_FULL
     overrides = {
@@ -164,8 +164,7 @@ def make_config(args: argparse.Namespace) -> Config:
     mlx = STEP_MODES["mlx-compile"]
     mlx_size = STEP_SMOKE if smoke else (mlx.cpu_size or step)
     if not smoke and gategrad.is_available(mlx.framework):
-        backend = gategrad.get_backend(mlx.framework)
-        if ops_for(backend).on_gpu(backend):  # a GPU: the common size
+        if gategrad.get_backend(mlx.framework).default_device_is_gpu():  # the common size
             mlx_size = step
     logps = LOGPS_SMOKE if smoke else LOGPS_FULL
     n_logps = len(LOGPS_MODES) * len(PASSES) * len(logps.vocabs)

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from . import _source_tree
 
@@ -30,6 +30,8 @@ __all__ = [
     "BACKENDS",
     "Array",
     "Backend",
+    "Optimizer",
+    "PeakMemory",
     "backend_for",
     "common_framework",
     "framework_of",
@@ -59,6 +61,71 @@ class GradJob:
     mode: str  # 'eager' | 'compiled'
 
 
+Params = dict[str, Any]  # named arrays: model parameters, their gradients
+
+
+class Optimizer(Protocol):
+    """A framework's optimizer as a pure update, whatever its own API: ``state`` in, ``state``
+    out, so that a compiled step can take the state as an argument (see :meth:`Backend.adamw`).
+    """
+
+    def init(self, params: Params) -> Any:
+        """The optimizer state for ``params`` (``None`` where the optimizer keeps it itself)."""
+        ...
+
+    def update(self, params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+        """``(params, state)`` after one step with ``grads`` (the same keys as ``params``)."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Release the last step's gradients (before the next forward, as torch's
+        ``zero_grad``); a no-op where gradients are plain return values."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakMemory:
+    """One call's peak memory from a framework's own counter (:meth:`Backend.peak_memory`)."""
+
+    #: what measured it, e.g. ``'torch.profiler'``, ``'XLA memory_analysis'``
+    counter: str
+    #: bytes the call needed on top of what was live before it
+    increment_bytes: float
+    #: the device's peak bytes in use since it started, where it reports one
+    device_peak_bytes: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One :meth:`Backend.compile` request, as the backends' ``_compile`` hook gets it."""
+
+    donate: tuple[int, ...] = ()
+    compiler: str | None = None
+    fullgraph: bool = True
+    reset: bool = True
+    example_args: tuple[Any, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryJob:
+    """One :meth:`Backend.peak_memory` request, as the backends' ``_peak_memory`` hook gets
+    it."""
+
+    run: Callable[[], None]
+    compiled: Any = None
+    device: str = "cpu"
+    tries: int = 1
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of a tree of dicts, lists and tuples (``None`` leaves dropped)."""
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in tree_leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in tree_leaves(v)]
+    return [] if tree is None else [tree]
+
+
 class Backend(abc.ABC):
     """One framework's array operations, custom-gradient primitive and tooling.
 
@@ -68,7 +135,7 @@ class Backend(abc.ABC):
 
     | group | methods |
     |---|---|
-    | math | `exp` `log` `sqrt` `tanh` `sigmoid` `log_sigmoid` `logsumexp` `softmax` |
+    | math | `exp` `log` `sqrt` `tanh` `sigmoid` `log_sigmoid` `logsumexp` `softmax` `log_softmax` |
     | reductions | `sum` `mean` `min` `max` `any` |
     | selection | `where` `minimum` `maximum` `sort` `take` `take_along_axis` |
     | layout | `concatenate` `reshape` `permute_dims` `tril_mask` `full_like` |
@@ -78,6 +145,8 @@ class Backend(abc.ABC):
     | conversion | `to_numpy` `from_numpy` `tree_to_numpy` |
     | kernels | `token_logps` |
     | tooling | `compile` `value_and_grad` `vmap_value_and_grad` `vjp` `tree_map` |
+    | training | `value_and_grad_fn` `adamw` `evaluate` |
+    | machine | `device_like` `default_device_is_gpu` `peak_memory` `describe` `set_threads` |
     """
 
     #: the registry name: 'numpy' | 'torch' | 'jax' | 'mlx'
@@ -86,6 +155,14 @@ class Backend(abc.ABC):
     xp: Any = None
     #: the framework's top-level module (``numpy``, ``torch``, ``jax``, ``mlx.core``)
     framework: Any = None
+    #: whether the framework's training convention keeps a call's gradients allocated until
+    #: the next call releases them (torch's ``.grad``); memory measurements mirror it
+    keeps_grads: bool = False
+    #: whether the framework differentiates (NumPy: no; its gradients come from closed forms)
+    has_autograd: bool = True
+    #: the scale-relative accuracy of its float64 maths, for cross-framework tolerances (MLX's
+    #: float64 transcendental functions are about 1e-7 accurate, not 1e-16)
+    float64_tol: float = 1e-12
 
     # --- math (NumPy-like defaults) ---------------------------------------------------------
     def exp(self, x: Array) -> Array:
@@ -113,6 +190,10 @@ class Backend(abc.ABC):
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         return self.exp(x - self.logsumexp(x, axis=axis)[..., None])
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        """``x - logsumexp(x)`` along ``axis`` (the framework's fused kernel where it has one)."""
+        return x - self.xp.expand_dims(self.logsumexp(x, axis=axis), axis)
 
     # --- reductions ------------------------------------------------------------------------
     def sum(self, x: Array, axis: int | None = -1, keepdims: bool = False) -> Array:
@@ -272,9 +353,38 @@ class Backend(abc.ABC):
         return chunked_logps(self, logits, labels, cdtype, *chunk)
 
     # --- tooling (tests, lab, benchmarks) ---------------------------------------------------
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def compile(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate: Sequence[int] = (),
+        compiler: str | None = None,
+        fullgraph: bool = True,
+        reset: bool = True,
+        example_args: Sequence[Any] | None = None,
+    ) -> Callable[..., Any]:
         """``fn`` compiled by the framework (``torch.compile(fullgraph=True)``, ``jax.jit``,
-        ``mx.compile``); NumPy returns ``fn``."""
+        ``mx.compile``); NumPy returns ``fn``.
+
+        The options are ignored where the framework has no such notion:
+
+        Args:
+            fn: the function to compile.
+            donate: positions of arguments whose buffers the result may reuse (JAX's
+                ``donate_argnums``).
+            compiler: the compiler backend (``torch.compile``'s ``backend``: ``'inductor'``,
+                ``'aot_eager'``...; ``None`` for the default).
+            fullgraph: refuse graph breaks (``torch.compile``'s ``fullgraph``).
+            reset: drop the graphs compiled before (torch's ``dynamo.reset``: tests build new
+                closures per example); ``False`` keeps them and raises dynamo's recompile
+                limit instead, for several compiled functions alive together.
+            example_args: compile ahead of time for these arguments (JAX's
+                ``lower(*args).compile()``, whose result has ``memory_analysis()``).
+        """
+        examples = None if example_args is None else tuple(example_args)
+        return self._compile(fn, CompileJob(tuple(donate), compiler, fullgraph, reset, examples))
+
+    def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:
         return fn
 
     def value_and_grad(
@@ -318,12 +428,33 @@ class Backend(abc.ABC):
         (``primal`` a dict of arrays)."""
         raise NotImplementedError(f"backend {self.name!r} has no autograd")
 
+    def value_and_grad_fn(
+        self, fn: Callable[[Params], Array]
+    ) -> Callable[[Params], tuple[Array, Params]]:
+        """``params -> (fn(params), d fn / d params)`` for a scalar-valued ``fn`` of a dict of
+        arrays: traceable, so usable inside :meth:`compile` (unlike :meth:`value_and_grad`,
+        which copies its inputs and evaluates; torch's dynamo breaks the graph at
+        ``torch.autograd.grad``, so compile it with ``fullgraph=False`` there). Default: from
+        :meth:`vjp`."""
+
+        def run(params: Params) -> tuple[Array, Params]:
+            value, pullback = self.vjp(fn, params)
+            return value, pullback(self.full_like(value, 1.0))
+
+        return run
+
+    def adamw(self, params: Params, lr: float, weight_decay: float = 0.01) -> Optimizer:
+        """The framework's own AdamW for ``params`` (betas ``(0.9, 0.999)``, ``eps = 1e-8``,
+        bias-corrected moments, decoupled weight decay ``p -= lr * weight_decay * p``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+
     def tree_map(self, fn: Callable[..., Array], *trees: dict[str, Array]) -> dict[str, Array]:
         """``{k: fn(t0[k], t1[k], ...)}`` over dicts of arrays with the same keys."""
         return {k: fn(*(t[k] for t in trees)) for k in trees[0]}
 
     def evaluate(self, *arrays: Any) -> None:  # noqa: B027 - a default, not abstract
-        """Force lazy computation (MLX's ``mx.eval``); a no-op elsewhere."""
+        """Wait until ``arrays`` are computed: MLX's ``mx.eval`` (lazy), JAX's
+        ``block_until_ready`` and CUDA's synchronize (asynchronous); a no-op for NumPy."""
 
     def device_scope(self, dtype: DTypeName) -> contextlib.AbstractContextManager[None]:
         """A context in which arrays of ``dtype`` can be computed (MLX float64: the CPU)."""
@@ -332,6 +463,44 @@ class Backend(abc.ABC):
     def set_threads(self, n: int) -> int:
         """Set the framework's intra-op thread count where it has one; returns the old one."""
         return 0
+
+    def device_like(self, device: str) -> Array | None:
+        """An empty array on ``device`` (``'cpu'``, ``'cuda:0'``...), to pass as
+        :meth:`from_numpy`'s ``like``; ``None`` where the framework takes no device string (its
+        arrays go to its default device). Raises ``RuntimeError`` for a device it cannot see."""
+        return None
+
+    def default_device_is_gpu(self) -> bool:
+        """Whether arrays made without a device go to a GPU."""
+        return False
+
+    def peak_memory(
+        self,
+        run: Callable[[], None],
+        *,
+        compiled: Any = None,
+        device: str = "cpu",
+        tries: int = 1,
+    ) -> PeakMemory | None:
+        """The peak memory of ``run()`` (one synchronised call) from the framework's own
+        counter, or ``None`` where it has none.
+
+        Args:
+            run: the call to measure.
+            compiled: the compiled function ``run`` calls, for frameworks whose counter reads
+                the compiled program (XLA's ``memory_analysis``) instead of running it.
+            device: the device of ``run``'s arrays (see :meth:`device_like`).
+            tries: measure this many calls and keep the least (the first may count allocator
+                warm-up), where the counter runs ``run``.
+        """
+        return self._peak_memory(MemoryJob(run, compiled, device, tries))
+
+    def _peak_memory(self, job: MemoryJob) -> PeakMemory | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What a report's machine line says of the framework (threads, devices)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"<gategrad backend {self.name!r}>"

@@ -38,16 +38,15 @@ def _cap(n: int) -> int:
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """The models are tiny: torch's intra-op threads cost more than they gain (a transformer
-    step ran 4x slower with 2 threads than with 1 on a busy 2-core machine). Restored after."""
+    step ran 4x slower with 2 threads than with 1 on a busy 2-core machine). Restored after.
+    Shared with tests/test_conformance_transformer.py."""
     if not gategrad.is_available("torch"):
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    ops = gategrad.get_backend("torch")
+    before = ops.set_threads(1)
     yield
-    torch.set_num_threads(before)
+    ops.set_threads(before)
 
 
 DTYPES = ("float32", "float64")

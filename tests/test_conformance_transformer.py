@@ -15,8 +15,8 @@ import pytest
 from _backends import AUTOGRAD, skip_unless
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_conformance_softmax import _cap, _one_torch_thread  # noqa: F401 (an autouse fixture)
 
-import gategrad
 from gategrad.testing import (
     FLOAT32_TOL,
     PreferenceSpec,
@@ -35,26 +35,6 @@ from gategrad.testing import (
 from gategrad.testing.models import transformer_logits
 
 pytestmark = pytest.mark.conformance
-
-
-def _cap(n: int) -> int:
-    """``n`` examples, or fewer when the Hypothesis profile asks for fewer (``dev``)."""
-    return min(n, settings.default.max_examples)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models are tiny: torch's intra-op threads cost more than they gain (a transformer
-    step ran 4x slower with 2 threads than with 1 on a busy 2-core machine). Restored after."""
-    if not gategrad.is_available("torch"):
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 DTYPES = ("float32", "float64")

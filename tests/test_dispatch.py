@@ -118,3 +118,29 @@ def test_first_calls_inside_torch_compile_fullgraph_in_a_fresh_process(tmp_path)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+def test_get_ops_is_a_deprecated_alias_of_get_backend() -> None:
+    with pytest.warns(DeprecationWarning, match="gategrad.get_backend"):
+        get_ops = gategrad.get_ops
+    assert get_ops("numpy") is gategrad.get_backend("numpy")
+
+
+def test_every_backend_is_a_backend_instance() -> None:
+    for name in gategrad.BACKENDS:
+        if gategrad.is_available(name):
+            backend = gategrad.get_backend(name)
+            assert isinstance(backend, gategrad.Backend) and backend.name == name
+
+
+def test_value_checks_context_manager_restores_the_setting() -> None:
+    x = np.log(np.array([[0.5, np.nan]]))
+    assert bool(gategrad.value_checks()) is True
+    with gategrad.value_checks(False):
+        assert bool(gategrad.value_checks()) is False
+        gate_rejected(x, Gate())  # not checked: no error
+    assert bool(gategrad.value_checks()) is True
+    with pytest.raises(ValueError, match="NaN"):
+        gate_rejected(x, Gate())
+    with pytest.raises(TypeError, match="a bool"):
+        gategrad.value_checks("no")  # type: ignore[arg-type]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from _backends import ALL, AUTOGRAD, dtypes, float64_name, np_dtype, skip_unless
+from _backends import (
+    ALL,
+    AUTOGRAD,
+    dtypes,
+    float64_name,
+    np_dtype,
+    run_outside_repo,
+    skip_unless,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gate import gates
@@ -337,7 +344,8 @@ def test_jax_without_x64_matches_numpy_quantile() -> None:
         "    assert np.all(np.abs(jit - ref) <= np.spacing(np.abs(ref))), q\n"
     )
     # cwd outside the repository: its gategrad/ (no backends/) must not shadow the install
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tempfile.gettempdir())
+    out = run_outside_repo(["-c", code], Path(tempfile.gettempdir()), timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_mlx_vmap_and_compile() -> None:
@@ -367,8 +375,6 @@ def test_gate_is_a_jax_pytree_as_soon_as_jax_is_loaded(tmp_path) -> None:
         "f = jax.jit(lambda x, g: gategrad.gate_rejected(x, g).sum())\n"
         "print(float(f(jnp.full((2, 3), -1.0), gategrad.Gate(estimator='q10'))))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    out = run_outside_repo(["-c", code], tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "-6.0"

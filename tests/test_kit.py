@@ -3,13 +3,12 @@ wrong; its strategies and batch builders produce what they promise; importing it
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from _backends import AUTOGRAD, skip_unless
+from _backends import AUTOGRAD, run_outside_repo, skip_unless
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -352,8 +351,8 @@ def test_params_from_numpy_rejects_bad_names() -> None:
 def _fresh_python(*lines: str) -> None:
     """Run ``lines`` in a fresh interpreter; cwd outside the repository, so that its gategrad/
     (no backends/) does not shadow the install."""
-    code = "\n".join(lines)
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tempfile.gettempdir())
+    out = run_outside_repo(["-c", "\n".join(lines)], Path(tempfile.gettempdir()), timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_jax_float64_params_need_x64() -> None:

@@ -9,7 +9,8 @@ three frameworks take the same steps up to floating-point rounding.
 
 Interface (duck-typed; used by :mod:`gategrad.lab.transformer`):
 
-- ``load(np_params) -> params``: framework parameters from NumPy (float64) ones;
+- ``load(np_params) -> params``: the parameters, from NumPy (float64) ones, as one flat vector
+  of the framework (opaque to the caller; :meth:`Engine.unflatten` gives the model's dict);
 - ``token_logps(params, tokens, mask) -> (B, T-1)``: per-token log-probs;
 - ``evaluate(params, tokens, mask) -> {metric: (B,)}``: :func:`gategrad.metrics.sequence_metrics`;
 - ``close()``: undo global settings (PyTorch's thread count);
@@ -20,18 +21,19 @@ Interface (duck-typed; used by :mod:`gategrad.lab.transformer`):
 Tokens and masks are NumPy ``(B, T)`` integer arrays; ``ref_*`` are NumPy per-token log-probs.
 
 How a step differentiates. Every objective is a function of the per-token log-probs ``lp``
-(``objective(lp, valid, z, *refs)``; the SFT cross-entropy or the preference loss), so the
+(``objective(lp, valid, z, *extra)``: the SFT cross-entropy or the preference loss), so the
 gate acts exactly where :func:`gategrad.preference_loss` puts it: on the cotangent of the
 rejected log-probs. The engine runs it one of two ways, by what the backend's autograd is:
 
-- **one pass** (an autograd over concrete values: PyTorch's tape, MLX's lazy graph):
-  ``value_and_grad`` of ``objective(model(params))`` over the parameters, eagerly: one forward
-  and one backward per step;
-- **staged** (an autograd that traces, JAX: eager steps would re-trace the model every call):
-  three compiled functions, as XLA compiles slowly on the CPU: the model's log-probs and their
-  pullback (``vjp``) are compiled once per shape, and each method compiles only the small
-  ``value_and_grad`` of its objective with respect to ``lp``, whose gradient is the cotangent
-  that the pullback turns into parameter gradients.
+- **one pass**, for an autograd over concrete values (PyTorch's tape, MLX's lazy graph):
+  ``value_and_grad`` of ``objective(model(params))`` with respect to the parameters, eagerly:
+  one forward and one backward per step (a separate ``vjp`` of the model would run MLX's
+  forward twice, since ``mx.vjp`` recomputes it);
+- **staged**, for an autograd that traces (JAX, whose eager steps would re-trace the model on
+  every call): the model's log-probs, their pullback (``backend.vjp``) and the Adam update are
+  compiled once per shape, as XLA compiles slowly on the CPU, and each method
+  compiles only the small ``value_and_grad`` of its objective with respect to ``lp``, whose
+  gradient is the cotangent that the pullback turns into parameter gradients.
 
 ``value_and_grad`` has no auxiliary output, so the gate's mean leaves the objective as the
 gradient of ``z * stop_gradient(gate_mean)`` at ``z = 0`` (a term worth zero, with no gradient
@@ -61,7 +63,7 @@ from .config import TRANSFORMER_BACKENDS
 __all__ = ["Engine", "Trainer", "adam_update", "get_engine"]
 
 Params = dict[str, Array]
-#: ``objective(lp, valid, z, *refs) -> loss + z * stop_gradient(gate_mean)`` (a scalar).
+#: ``objective(lp, valid, z, *extra) -> loss + z * stop_gradient(gate_mean)`` (a scalar).
 Objective = Callable[..., Array]
 
 _BETAS = (0.9, 0.999)
@@ -136,19 +138,20 @@ def _sft_objective(b: Backend) -> Objective:
 
 def _pref_objective(b: Backend, method: Any, beta: float) -> Objective:
     """The method's preference loss on a stacked ``[chosen; rejected]`` batch of per-token
-    log-probs (the ``zero`` baseline drops the rejected gradient with ``scale_grad(., 0)``)."""
+    log-probs ``lp`` and reference ones ``ref`` (the ``zero`` baseline drops the rejected
+    gradient with ``scale_grad(., 0)``)."""
     from gategrad import scale_grad
     from gategrad.losses import preference_loss
 
-    def objective(lp: Array, valid: Array, z: Array, ref_c: Array, ref_r: Array) -> Array:
+    def objective(lp: Array, valid: Array, z: Array, ref: Array) -> Array:
         n = lp.shape[0] // 2
         rejected = scale_grad(lp[n:], 0.0) if method.gate_kind == "zero" else lp[n:]
         loss, metrics = preference_loss(
             method.loss_type,
             lp[:n],
             rejected,
-            ref_c,
-            ref_r,
+            ref[:n],
+            ref[n:],
             beta=beta,
             gate=method.gate,
             chosen_mask=valid[:n],
@@ -188,6 +191,11 @@ class Engine:
         self._metrics = stage(self._sequence_metrics)
         self._pullback = stage(self._logps_pullback)
         self._adam = stage(partial(adam_update, backend))
+        self._np_dtype = np.dtype(dtype)
+        self._masks: dict[Any, Array] = {}
+        with self.scope():
+            # the gate's probe (z = 0), from a (1,) array: torch's from_numpy makes 0-d ones 1-d
+            self._zero = backend.reshape(backend.from_numpy(np.zeros(1, self._np_dtype)), ())
         self._threads = backend.set_threads(threads)
 
     # --- the model ------------------------------------------------------------------------
@@ -226,13 +234,18 @@ class Engine:
             yield
 
     def batch(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[Array, Array]:
-        """NumPy tokens and their (broadcast) mask as backend arrays."""
-        full = np.broadcast_to(mask, (len(tokens), mask.shape[-1]))
-        return self.b.from_numpy(tokens.astype(np.int32)), self.b.from_numpy(full.astype(np.int32))
+        """NumPy tokens and their mask (broadcast to them; converted once per value) as backend
+        arrays."""
+        key = (mask.shape, mask.tobytes(), len(tokens))
+        if key not in self._masks:
+            full = np.broadcast_to(mask, (len(tokens), mask.shape[-1]))
+            self._masks[key] = self.b.from_numpy(full.astype(np.int32))
+        return self.b.from_numpy(tokens.astype(np.int32)), self._masks[key]
 
     def array(self, a: np.ndarray) -> Array:
-        """A NumPy float array as a backend array of the engine's dtype."""
-        return self.b.from_numpy(np.asarray(a, dtype=np.float64), dtype=self.dtype)
+        """A NumPy float array as a backend array of the engine's dtype (cast in NumPy: one
+        transfer, no conversion in the framework)."""
+        return self.b.from_numpy(np.asarray(a, dtype=self._np_dtype))
 
     def numpy(self, x: Array) -> np.ndarray:
         return np.asarray(self.b.to_numpy(x), dtype=np.float64)
@@ -265,16 +278,16 @@ class Engine:
         return Trainer(self, params, lr)
 
     # --- gradients ------------------------------------------------------------------------
-    def objective(self, key: Any, build: Callable[[], Objective]) -> Callable[..., Any]:
+    def loss_fn(self, key: Any, build: Callable[[], Objective]) -> Callable[..., Any]:
         """``build()``'s objective, cached by ``key``; staged: its ``value_and_grad`` with
         respect to ``(lp, z)``, compiled."""
         if key not in self._cache:
             b, objective = self.b, build()
             if self.staged:
 
-                def on_lp(lp: Array, valid: Array, z: Array, *refs: Array) -> Any:
+                def on_lp(lp: Array, valid: Array, z: Array, *extra: Array) -> Any:
                     return b.value_and_grad(
-                        lambda lp1, z1: objective(lp1, valid, z1, *refs), [lp, z], argnums=(0, 1)
+                        lambda lp1, z1: objective(lp1, valid, z1, *extra), [lp, z], argnums=(0, 1)
                     )
 
                 self._cache[key] = b.compile(on_lp)
@@ -283,22 +296,29 @@ class Engine:
         return self._cache[key]
 
     def loss_and_grads(
-        self, fn: Callable[..., Any], params: Array, toks: Array, mask: Array, *refs: Array
+        self, fn: Callable[..., Any], params: Array, toks: Array, mask: Array, *extra: Array
     ) -> tuple[Array, Array, Array]:
-        """``(loss, gate, d loss / d params)`` of an objective from :meth:`objective`."""
-        b = self.b
-        # from a (1,) array: torch's from_numpy makes a 0-d array 1-d
-        z = b.reshape(b.from_numpy(np.zeros(1), dtype=self.dtype), ())
+        """``(loss, gate, d loss / d params)`` of a :meth:`loss_fn` at the model's log-probs of
+        ``toks``."""
         if self.staged:
             lp, valid = self._forward(params, toks, mask)
-            loss, (cot, gate) = fn(lp, valid, z, *refs)
+            loss, (cot, gate) = fn(lp, valid, self._zero, *extra)
             return loss, gate, self._pullback(params, toks, mask, cot)
 
-        def whole(flat: Array, z1: Array) -> Array:
-            return fn(*self._logps(flat, toks, mask), z1, *refs)
+        def whole(flat: Array, z: Array) -> Array:
+            return fn(*self._logps(flat, toks, mask), z, *extra)
 
-        loss, (grads, gate) = b.value_and_grad(whole, [params, z], argnums=(0, 1))
+        loss, (grads, gate) = self.b.value_and_grad(whole, [params, self._zero], argnums=(0, 1))
         return loss, gate, grads
+
+    def update(
+        self, params: Array, grads: Array, m: Array, v: Array, lr: float, t: int
+    ) -> tuple[Array, Array, Array]:
+        """Adam step ``t`` (from 1) at learning rate ``lr``: the new ``(params, m, v)``."""
+        b1, b2 = _BETAS
+        out = self._adam(params, grads, m, v, lr / (1.0 - b1**t), (1.0 - b2**t) ** 0.5)
+        self.b.evaluate(*out)
+        return out
 
 
 def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -320,23 +340,19 @@ class Trainer:
         build: Callable[[], Objective],
         tokens: np.ndarray,
         mask: np.ndarray,
-        *refs: np.ndarray,
+        *extra: np.ndarray,
     ) -> tuple[float, float]:
         e = self.e
         with e.scope():
-            fn = e.objective(key, build)
+            fn = e.loss_fn(key, build)
             toks, m = e.batch(tokens, mask)
             loss, gate, grads = e.loss_and_grads(
-                fn, self.params, toks, m, *(e.array(r) for r in refs)
+                fn, self.params, toks, m, *(e.array(a) for a in extra)
             )
             self.t += 1
-            b1, b2 = _BETAS
-            step_size = self.lr / (1.0 - b1**self.t)
-            c2 = (1.0 - b2**self.t) ** 0.5
-            self.params, self._m, self._v = e._adam(
-                self.params, grads, self._m, self._v, step_size, c2
+            self.params, self._m, self._v = e.update(
+                self.params, grads, self._m, self._v, self.lr, self.t
             )
-            e.b.evaluate(self.params, self._m, self._v)
             return float(e.numpy(loss)), float(e.numpy(gate))
 
     def sft_step(self, tokens: np.ndarray, mask: np.ndarray) -> float:
@@ -360,7 +376,6 @@ class Trainer:
             lambda: _pref_objective(b, method, beta),
             np.concatenate([chosen, rejected]),
             mask,
-            ref_c,
-            ref_r,
+            np.concatenate([ref_c, ref_r]),
         )
         return {"loss": loss, "gate": gate}

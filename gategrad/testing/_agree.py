@@ -39,10 +39,6 @@ FLOAT32_TOL: float = 1e-4
 #: Scale-relative tolerance for float64 in NumPy, PyTorch and JAX.
 FLOAT64_TOL: float = 1e-12
 
-#: The measured float64 accuracy of a framework where it is not :data:`FLOAT64_TOL`: data about
-#: each framework's maths, read by :func:`tolerance` (MLX float64 exp/log/tanh are ~1e-7).
-_FLOAT64_TOL_BY_FRAMEWORK: dict[str, float] = {"mlx": FLOAT32_TOL}
-
 #: The name of the function's value in reports.
 VALUE = "value"
 
@@ -52,7 +48,7 @@ def tolerance(dtype: str, a: str, b: str) -> float:
     at ``dtype``: 1e-12 for float64 unless one side is MLX, else 1e-4."""
     if dtype != "float64":
         return FLOAT32_TOL
-    return max(_FLOAT64_TOL_BY_FRAMEWORK.get(_framework(v), FLOAT64_TOL) for v in (a, b))
+    return max(FLOAT64_TOL, *(get_backend(_framework(v)).float64_tol for v in (a, b)))
 
 
 class BackendDisagreement(AssertionError):
@@ -217,24 +213,10 @@ def _framework(variant: str) -> str:
     return variant.split("[", 1)[0]
 
 
-_AUTOGRAD: dict[str, bool] = {}
-
-
 def _has_autograd(name: str) -> bool:
     """Whether backend ``name`` differentiates (NumPy does not: its function gives its own
-    gradients, and it runs in eager mode only). A backend's ``has_autograd`` attribute where it
-    declares one; otherwise one tiny ``value_and_grad`` call, once per backend."""
-    if name not in _AUTOGRAD:
-        ops = get_backend(name)
-        declared = getattr(ops, "has_autograd", None)
-        if declared is None:
-            try:
-                ops.value_and_grad(lambda x: x.sum(), [ops.from_numpy(np.ones(1))])
-                declared = True
-            except NotImplementedError:
-                declared = False
-        _AUTOGRAD[name] = bool(declared)
-    return _AUTOGRAD[name]
+    gradients, and it runs in eager mode only)."""
+    return get_backend(name).has_autograd
 
 
 def _variant(name: str, mode: str) -> str:

@@ -174,7 +174,9 @@ def _allowed_mask(ops: Backend, seq: int, attention_mask: Array | None, like: Ar
     """``(B|1, 1, T, T)`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and ``j`` not padded."""
     allowed = ops.tril_mask(seq, like)[None, None]
     if attention_mask is not None:
-        allowed = allowed & ops.bool_mask(attention_mask)[:, None, None, :]
+        # a logical and; not `&`, which mx.vmap (MLX 0.32) gets wrong for an unbatched left
+        # operand broadcast against a batched right one
+        allowed = ops.where(allowed, ops.bool_mask(attention_mask)[:, None, None, :], False)
     return allowed
 
 
