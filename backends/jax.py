@@ -91,7 +91,8 @@ def _is_tracer(x: Any) -> bool:
 
 
 class JaxBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``jax.Array``."""
+    """:class:`gategrad._backend.Backend` for ``jax.Array`` (tracers included): a
+    ``custom_vjp`` for ``scale_grad``, ``jax.jit`` to compile."""
 
     name = "jax"
     xp = jnp

@@ -80,7 +80,8 @@ class _AdamW:
 
 
 class MlxBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``mlx.core.array``."""
+    """:class:`gategrad._backend.Backend` for ``mlx.core.array`` (CPU and Metal): an
+    ``mx.custom_function`` for ``scale_grad``, ``mx.compile``; float64 on the CPU only."""
 
     name = "mlx"
     xp = mx

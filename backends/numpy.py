@@ -17,7 +17,9 @@ from gategrad._backend import Array, Backend, DTypeName
 
 
 class NumpyBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``numpy.ndarray``."""
+    """:class:`gategrad._backend.Backend` for ``numpy.ndarray``: the reference, without
+    autograd (``scale_grad`` is the identity; :func:`gategrad.gate_rejected_vjp` states its
+    backward), with NumPy's warnings silenced where ``-inf`` and underflow are expected."""
 
     name = "numpy"
     xp = np

@@ -75,6 +75,7 @@ def run_outside_repo(
         "HF_HUB_OFFLINE": "1",
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONWARNINGS": "ignore",  # the output is parsed; warnings go to stderr anyway
     }
     env.pop("PYTHONPATH", None)
     return subprocess.run(

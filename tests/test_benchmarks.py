@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _backends import run_outside_repo
 
 import gategrad
 
@@ -39,14 +39,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp / "results"
     # cwd outside the repository: the repository's gategrad/ (without backends/) must not
     # shadow the installed package in the subprocesses.
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    proc = run_outside_repo([str(SCRIPT), "--smoke", "--out", str(out)], tmp)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
     report = json.loads((out / "overhead.json").read_text())
     report["_markdown"] = (out / "overhead.md").read_text()

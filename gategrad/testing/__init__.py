@@ -39,14 +39,8 @@ from ._agree import (
     run_backend_vmapped,
     tolerance,
 )
-from .models import (
-    SoftmaxConfig,
-    TransformerConfig,
-    init_softmax_params,
-    init_transformer_params,
-    make_shared_contexts,
-    transformer_param_shapes,
-)
+from .models import SoftmaxConfig, TransformerConfig, make_shared_contexts
+from .models._params import init_softmax_params, init_transformer_params, transformer_param_shapes
 from .preference import (
     GateParts,
     PreferenceLogps,

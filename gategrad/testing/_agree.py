@@ -319,18 +319,10 @@ def _compare(
 ) -> TensorDiff:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    # the fields of a comparison that cannot be made: infinitely far apart, scale unknown
+    unmatched = (tensor, a, b, math.inf, math.nan, math.inf, tol, atol)
     if x.shape != y.shape:
-        return TensorDiff(
-            tensor,
-            a,
-            b,
-            math.inf,
-            math.nan,
-            math.inf,
-            tol,
-            atol,
-            note=f"shapes differ: {x.shape} vs {y.shape}",
-        )
+        return TensorDiff(*unmatched, note=f"shapes differ: {x.shape} vs {y.shape}")
     fx, fy = np.isfinite(x), np.isfinite(y)
     if not (fx.all() and fy.all()):
         same = np.array_equal(x, y, equal_nan=True)
@@ -338,14 +330,7 @@ def _compare(
             bad = np.argwhere(~(fx & fy))
             idx = tuple(int(i) for i in bad[0]) if bad.size else ()
             return TensorDiff(
-                tensor,
-                a,
-                b,
-                math.inf,
-                math.nan,
-                math.inf,
-                tol,
-                atol,
+                *unmatched,
                 idx,
                 float(x[idx]) if x.ndim else float(x),
                 float(y[idx]) if y.ndim else float(y),
