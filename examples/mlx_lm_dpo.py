@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         history.append({"step": i + 1, "loss": loss.item(), **values, "seconds": seconds})
         print(
             f"step {i + 1:3d}  loss={loss.item():.4f}  margin={values['rewards/margins']:.4f}  "
-            f"gate={values.get('gate/mean', 1.0):.3f}  ({seconds:.2f} s)"
+            f"gate/mean={values.get('gate/mean', 1.0):.3f}  ({seconds:.2f} s)"
         )
     return history
 

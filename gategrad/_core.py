@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _math
 from . import _validate as check
-from ._backend import Array, Backend, backend_for
+from ._backend import Array, Backend, backend_for, framework_of, get_backend
 from ._gate import Gate
 
 __all__ = [
@@ -202,6 +202,8 @@ def gate_value(gate: Gate, p_or_logp: Array, *, log: bool = False) -> Array:
     Any framework's array; computed in ``promote_types(dtype, float32)``, without gradient.
     """
     gate = check.require_gate(gate)
+    if framework_of(p_or_logp) is None:  # a Python number: a float64 NumPy array
+        p_or_logp = get_backend("numpy").from_numpy(p_or_logp, dtype="float64")
     ops = backend_for(p_or_logp=p_or_logp)
     x = ops.astype(ops.stop_gradient(p_or_logp), ops.compute_dtype(p_or_logp))
     return _math.gate_value(gate, x if log else ops.log(x), ops)

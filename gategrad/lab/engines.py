@@ -2,10 +2,11 @@
 
 :class:`Engine` wraps the tiny transformer of :mod:`gategrad.testing.models` on one
 :class:`gategrad._backend.Backend` and exposes the few operations the experiment loop needs;
-every number it returns is NumPy. The preference step is :func:`gategrad.losses.preference_loss`
-with the method's :class:`gategrad.Gate`, the same code on every framework; the optimiser is
-Adam with PyTorch's formula (:func:`adam_update`), written once against the backend, so all
-three frameworks take the same steps up to floating-point rounding.
+every number it returns is NumPy. The preference step is
+:func:`gategrad.losses.stacked_preference_loss` (on the ``[chosen; rejected]`` batch of one
+forward pass) with the method's :class:`gategrad.Gate`, the same code on every framework; the
+optimiser is Adam with PyTorch's formula (:func:`adam_update`), written once against the
+backend, so all three frameworks take the same steps up to floating-point rounding.
 
 Interface (duck-typed; used by :mod:`gategrad.lab.transformer`):
 
@@ -31,9 +32,9 @@ rejected log-probs. The engine runs it one of two ways, by what the backend's au
   forward twice, since ``mx.vjp`` recomputes it);
 - **staged**, for an autograd that traces (JAX, whose eager steps would re-trace the model on
   every call): the model's log-probs, their pullback (``backend.vjp``) and the Adam update are
-  compiled once per shape, as XLA compiles slowly on the CPU, and each method
-  compiles only the small ``value_and_grad`` of its objective with respect to ``lp``, whose
-  gradient is the cotangent that the pullback turns into parameter gradients.
+  compiled once per shape, as XLA compiles slowly on the CPU, and each method compiles only
+  the small ``value_and_grad`` of its objective with respect to ``lp``, whose gradient is the
+  cotangent that the pullback turns into parameter gradients (the forward runs twice).
 
 ``value_and_grad`` has no auxiliary output, so the gate's mean leaves the objective as the
 gradient of ``z * stop_gradient(gate_mean)`` at ``z = 0`` (a term worth zero, with no gradient
@@ -50,7 +51,10 @@ from typing import Any
 
 import numpy as np
 
+from gategrad import scale_grad, token_logps
 from gategrad._backend import Array, Backend, get_backend
+from gategrad.losses import stacked_preference_loss
+from gategrad.metrics import sequence_metrics
 from gategrad.testing.models import (
     TransformerConfig,
     params_from_numpy,
@@ -137,25 +141,21 @@ def _sft_objective(b: Backend) -> Objective:
 
 
 def _pref_objective(b: Backend, method: Any, beta: float) -> Objective:
-    """The method's preference loss on a stacked ``[chosen; rejected]`` batch of per-token
-    log-probs ``lp`` and reference ones ``ref`` (the ``zero`` baseline drops the rejected
-    gradient with ``scale_grad(., 0)``)."""
-    from gategrad import scale_grad
-    from gategrad.losses import preference_loss
+    """The method's preference loss on stacked ``[chosen; rejected]`` per-token log-probs
+    ``lp`` and reference ones ``ref`` (the ``zero`` baseline drops the rejected gradient with
+    ``scale_grad(., 0)``)."""
 
     def objective(lp: Array, valid: Array, z: Array, ref: Array) -> Array:
-        n = lp.shape[0] // 2
-        rejected = scale_grad(lp[n:], 0.0) if method.gate_kind == "zero" else lp[n:]
-        loss, metrics = preference_loss(
+        if method.gate_kind == "zero":
+            n = lp.shape[0] // 2
+            lp = b.concatenate([lp[:n], scale_grad(lp[n:], 0.0)])
+        loss, metrics = stacked_preference_loss(
             method.loss_type,
-            lp[:n],
-            rejected,
-            ref[:n],
-            ref[n:],
+            lp,
+            ref,
+            mask=valid,
             beta=beta,
             gate=method.gate,
-            chosen_mask=valid[:n],
-            rejected_mask=valid[n:],
             **method.loss_params,
         )
         return _with_gate(b, loss, metrics.get("gate/mean"), z)
@@ -166,10 +166,10 @@ def _pref_objective(b: Backend, method: Any, beta: float) -> Objective:
 class Engine:
     """The tiny transformer on one backend (see the module docstring).
 
-    Parameters are one flat vector (the engine's ``params``), viewed as the model's dict of
-    arrays in each forward pass: the optimiser then updates three arrays per step rather than
-    three per parameter tensor (eager PyTorch pays per operation). ``staged``: compile the
-    model's passes once and each objective separately (for an autograd that traces, JAX);
+    The parameters are one flat vector (the engine's ``params``), viewed as the model's dict
+    of arrays in each forward pass, so Adam's dozen operations act on three arrays per step,
+    not on three per parameter tensor (eager PyTorch pays per operation). ``staged``: compile
+    the model's passes once and each objective separately (for an autograd that traces, JAX);
     otherwise every step is one eager ``value_and_grad``.
     """
 
@@ -209,14 +209,10 @@ class Engine:
         return out
 
     def _logps(self, flat: Array, toks: Array, mask: Array) -> tuple[Array, Array]:
-        from gategrad import token_logps
-
         logits = transformer_logits(self.unflatten(flat), toks, self.cfg)
         return token_logps(logits, toks, mask)
 
     def _sequence_metrics(self, flat: Array, toks: Array, mask: Array) -> dict[str, Array]:
-        from gategrad.metrics import sequence_metrics
-
         return sequence_metrics(
             transformer_logits(self.unflatten(flat), toks, self.cfg), toks, mask
         )
