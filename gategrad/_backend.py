@@ -47,6 +47,8 @@ _source_tree.register()
 from gategrad.backends import REGISTRY as _FRAMEWORKS  # noqa: E402
 
 BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
+#: The optional frameworks (each installed by its pip extra; NumPy, the reference, has none).
+OPTIONAL_BACKENDS: tuple[str, ...] = tuple(name for name, entry in _FRAMEWORKS.items() if entry[2])
 MODES: tuple[str, ...] = ("eager", "compiled")
 
 

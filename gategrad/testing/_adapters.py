@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gategrad._backend import MODES, check_mode, framework_of, get_backend
+from gategrad._backend import MODES, OPTIONAL_BACKENDS, check_mode, framework_of, get_backend
 
 __all__ = [
     "FRAMEWORKS",
@@ -27,8 +27,8 @@ __all__ = [
     "vmap_value_and_grad",
 ]
 
-#: The frameworks with autograd, compared by the kit.
-FRAMEWORKS: tuple[str, ...] = ("torch", "jax", "mlx")
+#: The frameworks with autograd, compared by the kit: every optional backend of the registry.
+FRAMEWORKS: tuple[str, ...] = OPTIONAL_BACKENDS
 
 
 def require(name: str) -> Any:
