@@ -155,11 +155,9 @@ class JaxBackend(Backend):
         """Under ``jit``/``grad``, one ``logsumexp`` that XLA reduces without a ``(B, T, V)``
         temporary (slices would add a zero-padded gradient per chunk); eager arrays and an
         explicit ``chunk_size`` take the chunked slices."""
-        from gategrad._logps import chunked_logps, fused_logps
-
         if explicit or self.is_concrete(logits):
-            return chunked_logps(self, logits, labels, cdtype, *chunk)
-        return fused_logps(self, logits, labels, cdtype)
+            return self.chunked_logps(logits, labels, cdtype, *chunk)
+        return self.fused_logps(logits, labels, cdtype)
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:

@@ -154,11 +154,9 @@ class MlxBackend(Backend):
     ) -> Array:
         """One fused ``logsumexp`` over all the logits (MLX reduces it without a ``(B, T, V)``
         temporary); chunked slices only for an explicit ``chunk_size``."""
-        from gategrad._logps import chunked_logps, fused_logps
-
         if explicit:
-            return chunked_logps(self, logits, labels, cdtype, *chunk)
-        return fused_logps(self, logits, labels, cdtype)
+            return self.chunked_logps(logits, labels, cdtype, *chunk)
+        return self.fused_logps(logits, labels, cdtype)
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:

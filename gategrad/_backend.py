@@ -350,9 +350,55 @@ class Backend(abc.ABC):
         slices (right for arrays without autograd); frameworks with autograd override it with
         a kernel whose gradient is one array.
         """
-        from ._logps import chunked_logps
+        return self.chunked_logps(logits, labels, cdtype, *chunk)
 
-        return chunked_logps(self, logits, labels, cdtype, *chunk)
+    def _lse_in(self, dtype: Any) -> Any:
+        def lse(block: Array) -> Array:
+            return self.logsumexp(self.astype(block, dtype), axis=-1)
+
+        return lse
+
+    def chunked_logps(
+        self, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
+    ) -> Array:
+        """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``.
+
+        Chunks are slices: for arrays without a gradient (NumPy, concrete JAX) or an explicit
+        ``chunk_size``. (Under autograd the gradient of each slice is a zero-padded ``(B, T, V)``
+        array, which is why torch and traced JAX/MLX take other kernels.)
+        """
+        batch, length = int(labels.shape[0]), int(labels.shape[1])
+        out_rows = []
+        for b0 in range(0, batch, rows):
+            b1 = min(b0 + rows, batch)
+            pieces = []
+            for t0 in range(0, length, cols):
+                t1 = min(t0 + cols, length)
+                block = logits[b0:b1, t0:t1]
+                if block.dtype == cdtype:  # autograd keeps a view of the logits, no copy
+                    lse = self.logsumexp(block, axis=-1)
+                else:  # low precision: logsumexp in float32 of a cast chunk, recomputed in the
+                    # backward rather than kept (else every chunk's float32 copy would be saved)
+                    lse = self.checkpoint(self._lse_in(cdtype), block)
+                idx = labels[b0:b1, t0:t1][..., None]
+                picked = self.take_along_axis(block, idx, axis=-1)[..., 0]
+                pieces.append(self.astype(picked, cdtype) - lse)
+            out_rows.append(pieces[0] if len(pieces) == 1 else self.concatenate(pieces, axis=1))
+        return out_rows[0] if len(out_rows) == 1 else self.concatenate(out_rows, axis=0)
+
+    def fused_logps(self, logits: Array, labels: Array, cdtype: Any) -> Array:
+        """One ``logsumexp`` over all the logits, for compilers that fuse it (XLA, MLX).
+
+        XLA (JAX under ``jit`` or ``grad``) and MLX's ``logsumexp`` primitive reduce without a
+        ``(B, T, V)`` temporary, and the gradient of one reduction is one ``(B, T, V)`` array;
+        slicing would add a zero-padded one per chunk (measured in ``benchmarks/overhead.py``).
+        """
+        picked = self.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        if logits.dtype == cdtype:
+            lse = self.logsumexp(logits, axis=-1)
+        else:  # low precision: the float32 cast is recomputed in the backward, not kept
+            lse = self.checkpoint(self._lse_in(cdtype), logits)
+        return self.astype(picked, cdtype) - lse
 
     # --- tooling (tests, lab, benchmarks) ---------------------------------------------------
     def compile(

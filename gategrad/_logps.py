@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import _validate as check
-from ._backend import Array, Backend, backend_for
+from ._backend import Array, backend_for
 from ._core import gate_rejected
 from ._gate import Gate
 
@@ -28,57 +26,6 @@ def _plan(batch: int, length: int, vocab: int, chunk_size: int | None) -> tuple[
     if per_row <= CHUNK_ELEMENTS:
         return max(1, CHUNK_ELEMENTS // per_row), length
     return 1, max(1, CHUNK_ELEMENTS // vocab)
-
-
-def _lse_in(ops: Backend, dtype: Any) -> Any:
-    def lse(block: Array) -> Array:
-        return ops.logsumexp(ops.astype(block, dtype), axis=-1)
-
-    return lse
-
-
-def chunked_logps(
-    ops: Backend, logits: Array, labels: Array, cdtype: Any, rows: int, cols: int
-) -> Array:
-    """``logits[b, t, labels[b, t]] - logsumexp(logits[b, t])`` chunk by chunk, in ``cdtype``.
-
-    Chunks are slices: for arrays without a gradient (NumPy, concrete JAX) or an explicit
-    ``chunk_size``. (Under autograd the gradient of each slice is a zero-padded ``(B, T, V)``
-    array, which is why torch and traced JAX/MLX take other kernels.)
-    """
-    batch, length = int(labels.shape[0]), int(labels.shape[1])
-    out_rows = []
-    for b0 in range(0, batch, rows):
-        b1 = min(b0 + rows, batch)
-        pieces = []
-        for t0 in range(0, length, cols):
-            t1 = min(t0 + cols, length)
-            block = logits[b0:b1, t0:t1]
-            if block.dtype == cdtype:  # autograd keeps a view of the logits, no copy
-                lse = ops.logsumexp(block, axis=-1)
-            else:  # low precision: logsumexp in float32 of a cast chunk, recomputed in the
-                # backward rather than kept (else every chunk's float32 copy would be saved)
-                lse = ops.checkpoint(_lse_in(ops, cdtype), block)
-            idx = labels[b0:b1, t0:t1][..., None]
-            picked = ops.take_along_axis(block, idx, axis=-1)[..., 0]
-            pieces.append(ops.astype(picked, cdtype) - lse)
-        out_rows.append(pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1))
-    return out_rows[0] if len(out_rows) == 1 else ops.concatenate(out_rows, axis=0)
-
-
-def fused_logps(ops: Backend, logits: Array, labels: Array, cdtype: Any) -> Array:
-    """One ``logsumexp`` over all the logits, for compilers that fuse it (XLA, MLX).
-
-    XLA (JAX under ``jit`` or ``grad``) and MLX's ``logsumexp`` primitive reduce without a
-    ``(B, T, V)`` temporary, and the gradient of one reduction is one ``(B, T, V)`` array;
-    slicing would add a zero-padded one per chunk (measured in ``benchmarks/overhead.py``).
-    """
-    picked = ops.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    if logits.dtype == cdtype:
-        lse = ops.logsumexp(logits, axis=-1)
-    else:  # low precision: the float32 cast is recomputed in the backward, not kept
-        lse = ops.checkpoint(_lse_in(ops, cdtype), logits)
-    return ops.astype(picked, cdtype) - lse
 
 
 def token_logps(
