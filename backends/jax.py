@@ -9,6 +9,7 @@ core registers it by importing this module once JAX is loaded (:func:`gategrad.g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,7 @@ class JaxBackend(Backend):
     name = "jax"
     xp = jnp
     framework = jax
+    traces = True
 
     def sigmoid(self, x: Array) -> Array:
         return jax.nn.sigmoid(x)
@@ -143,6 +145,14 @@ class JaxBackend(Backend):
         if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)
         return np.asarray(x)
+
+    def device_scope(self, dtype: DTypeName) -> contextlib.AbstractContextManager[None]:
+        """float64 needs JAX's 64-bit mode: it is switched on (for the whole process, as
+        ``jax.config.update('jax_enable_x64', True)`` does; JAX has no scoped switch that jit
+        caches respect)."""
+        if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+            jax.config.update("jax_enable_x64", True)
+        return contextlib.nullcontext()
 
     def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
         if dtype == "float64" and not jax.config.read("jax_enable_x64"):

@@ -254,7 +254,8 @@ class TorchBackend(Backend):
         return x.cpu().numpy()
 
     def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        # np.ascontiguousarray would turn a 0-d array into (1,); 0-d arrays are contiguous
+        t = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
         t = t if dtype is None else t.to(_DTYPES[dtype])
         return t if like is None else t.to(like.device)
 

@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from ._attach import attach
-from ._backend import BACKENDS, Backend, framework_of, get_backend, is_available
+from ._backend import Backend
 from ._core import (
     GateStats,
     gate_rejected,
@@ -23,6 +23,7 @@ from ._core import (
     masked_quantile,
     scale_grad,
 )
+from ._dispatch import BACKENDS, framework_of, get_backend, is_available
 from ._gate import SHAPE_DEFAULTS, Gate
 from ._logps import token_logps
 from ._validate import value_checks

@@ -7,9 +7,8 @@ that names that framework's API). :class:`Backend` gives NumPy-like defaults wri
 must differ (the custom-gradient primitive, conversion, autograd tooling). mypy refuses to
 instantiate a backend that leaves an abstract method out.
 
-Dispatch is lazy: the framework of an array is found through ``sys.modules`` (a framework can
-only have made the array if it is already imported), so ``import gategrad`` imports none.
-Adding a framework: one file in ``backends/`` and one line in :data:`_FRAMEWORKS`.
+Dispatch (which backend an array belongs to) lives in :mod:`gategrad._dispatch`. Adding a
+framework: one file in ``backends/`` and one line in ``gategrad.backends.REGISTRY``.
 """
 
 from __future__ import annotations
@@ -17,39 +16,20 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from . import _source_tree
-
+MODES: tuple[str, ...] = ("eager", "compiled")
 Array = Any  # an array of whichever framework the backend wraps
 DTypeName = str  # 'float16' | 'bfloat16' | 'float32' | 'float64'
 
 __all__ = [
-    "BACKENDS",
+    "MODES",
     "Array",
     "Backend",
     "Optimizer",
     "PeakMemory",
-    "backend_for",
-    "common_framework",
-    "framework_of",
-    "get_backend",
-    "is_available",
 ]
-
-
-# The registry (one line per framework) lives in the backends package, which imports no
-# framework: ``gategrad.backends.REGISTRY``. From a source checkout, backends/ is registered as
-# gategrad.backends first (see _source_tree).
-_source_tree.register()
-from gategrad.backends import REGISTRY as _FRAMEWORKS  # noqa: E402
-
-BACKENDS: tuple[str, ...] = tuple(_FRAMEWORKS)
-#: The optional frameworks (each installed by its pip extra; NumPy, the reference, has none).
-OPTIONAL_BACKENDS: tuple[str, ...] = tuple(name for name, entry in _FRAMEWORKS.items() if entry[2])
-MODES: tuple[str, ...] = ("eager", "compiled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +142,9 @@ class Backend(abc.ABC):
     keeps_grads: bool = False
     #: whether the framework differentiates (NumPy: no; its gradients come from closed forms)
     has_autograd: bool = True
+    #: whether its autograd traces the function (JAX: abstract values, so compiling a pass once
+    #: pays) rather than running it on concrete arrays (torch, MLX: eager is the fast path)
+    traces: bool = False
     #: the scale-relative accuracy of its float64 maths, for cross-framework tolerances (MLX's
     #: float64 transcendental functions are about 1e-7 accurate, not 1e-16)
     float64_tol: float = 1e-12
@@ -563,112 +546,3 @@ def _np() -> Any:
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-# ------------------------------------------------------------------------------------------
-# dispatch
-
-_type_cache: dict[type, str | None] = {}
-_backends: dict[str, Backend] = {}
-
-
-def _detect(x: Any) -> str | None:
-    for name, (module, attr, _, _) in _FRAMEWORKS.items():
-        mod = sys.modules.get(module)
-        if mod is None:
-            continue
-        # isinstance, not issubclass: JAX tracers are jax.Array only through __instancecheck__.
-        if isinstance(x, getattr(mod, attr)):
-            return name
-    if isinstance(x, (float, int)) and not isinstance(x, bool):
-        return None  # Python scalars belong to no framework
-    tp = type(x)
-    raise TypeError(
-        f"gategrad cannot handle {tp.__module__}.{tp.__qualname__}: pass a torch.Tensor, "
-        "jax.Array, mlx.core.array or numpy.ndarray"
-    )
-
-
-def framework_of(x: Any) -> str | None:
-    """``'torch' | 'jax' | 'mlx' | 'numpy'`` for an array, ``None`` for a Python scalar.
-
-    Raises ``TypeError`` for anything else. The answer is cached per type.
-    """
-    tp = type(x)
-    try:
-        return _type_cache[tp]
-    except KeyError:
-        pass
-    name = _detect(x)
-    _type_cache[tp] = name
-    return name
-
-
-def common_framework(**arrays: Any) -> str:
-    """The one framework shared by the named arrays (``None`` and Python numbers are ignored).
-
-    Raises ``TypeError`` naming both frameworks when they are mixed, e.g. a torch tensor of
-    log-probs with a NumPy mask.
-    """
-    found: tuple[str, str] | None = None
-    for arg, x in arrays.items():
-        if x is None:
-            continue
-        name = framework_of(x)
-        if name is None:
-            continue
-        if found is None:
-            found = (name, arg)
-        elif found[0] != name:
-            raise TypeError(
-                f"mixed frameworks: {found[1]} is a {found[0]} array but {arg} is a {name} "
-                f"array; convert {arg} to {found[0]} first"
-            )
-    if found is None:
-        raise TypeError(
-            f"no array among {sorted(arrays)}: pass a torch.Tensor, jax.Array, "
-            "mlx.core.array or numpy.ndarray"
-        )
-    return found[0]
-
-
-def get_backend(name: str) -> Backend:
-    """The backend object of framework ``name``, importing ``gategrad.backends.<name>`` on first
-    use.
-
-    Raises ``ValueError`` for an unknown name and ``ImportError`` naming the pip extra when the
-    framework is not installed.
-    """
-    try:
-        return _backends[name]
-    except (KeyError, TypeError):
-        pass
-    if name not in _FRAMEWORKS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    backend: Backend = _FRAMEWORKS[name][3]().backend
-    _backends[name] = backend
-    return backend
-
-
-def backend_for(**arrays: Any) -> Backend:
-    """The backend of the framework that the named arrays share (see :func:`common_framework`)."""
-    return get_backend(common_framework(**arrays))
-
-
-def load_imported() -> None:
-    """Load the backend of every framework that is already imported (so that, for example,
-    :class:`gategrad.Gate` is a JAX pytree as soon as JAX is loaded). Never imports a
-    framework."""
-    for name, (module, _, _, _) in _FRAMEWORKS.items():
-        if name not in _backends and module in sys.modules:
-            with contextlib.suppress(ImportError):
-                get_backend(name)
-
-
-def is_available(name: str) -> bool:
-    """Whether backend ``name`` can be imported here."""
-    try:
-        get_backend(name)
-    except ImportError:
-        return False
-    return True

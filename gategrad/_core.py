@@ -14,7 +14,8 @@ from typing import Any
 
 from . import _math
 from . import _validate as check
-from ._backend import Array, Backend, backend_for, framework_of, get_backend
+from ._backend import Array, Backend
+from ._dispatch import backend_for, framework_of, get_backend
 from ._gate import Gate
 
 __all__ = [

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from ._backend import load_imported
+from ._dispatch import load_imported
 
 ShapeName = Literal["sigmoid", "log_sigmoid", "hard", "power"]
 Shape = ShapeName | Callable[[Any], Any]

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from . import _validate as check
-from ._backend import Array, backend_for
+from ._backend import Array
 from ._core import gate_rejected
+from ._dispatch import backend_for
 from ._gate import Gate
 
 __all__ = ["token_logps"]

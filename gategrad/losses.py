@@ -51,8 +51,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, cast
 
 from . import _validate as check
-from ._backend import Array, Backend, backend_for
+from ._backend import Array, Backend
 from ._core import gate_rejected
+from ._dispatch import backend_for
 from ._gate import Gate
 from ._loss_registry import LOSS_PARAMS, LOSS_TYPES, LOSSES, Terms, resolve
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import _validate as check
-from ._backend import Array, backend_for
+from ._backend import Array
+from ._dispatch import backend_for
 
 __all__ = ["METRIC_NAMES", "sequence_metrics", "to_numpy"]
 

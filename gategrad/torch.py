@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._backend import get_backend
 from ._core import GateStats, broadcast_weight, gate_weights, scale_grad
+from ._dispatch import get_backend
 from ._gate import Gate
 from ._validate import require_gate
 

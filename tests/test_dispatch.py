@@ -79,7 +79,7 @@ def test_mixed_frameworks_raise_type_error_naming_both(a: str, b: str) -> None:
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "mlx"])
 def test_dispatch_finds_framework_and_caches_per_type(backend: str) -> None:
     skip_unless(backend)
-    from gategrad import _backend as _dispatch
+    from gategrad import _dispatch
 
     x = from_numpy(backend, np.zeros(3), "float32")
     assert gategrad.framework_of(x) == backend

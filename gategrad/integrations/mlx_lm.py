@@ -44,7 +44,7 @@ __all__ = [
 
 def _mx() -> Any:
     """``mlx.core``; ``ImportError`` naming the pip extra when MLX is missing."""
-    from .._backend import get_backend
+    from .._dispatch import get_backend
 
     return get_backend("mlx").framework
 

@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 
 from gategrad import scale_grad, token_logps
-from gategrad._backend import Array, Backend, get_backend
+from gategrad._backend import Array, Backend
+from gategrad._dispatch import get_backend
 from gategrad.losses import stacked_preference_loss
 from gategrad.metrics import sequence_metrics
 from gategrad.testing.models import (
@@ -89,26 +90,12 @@ def get_engine(
         ) from err
     except ValueError:
         raise ValueError(f"unknown backend {backend!r}; choose {choose}") from None
-    try:
-        staged = _autograd_traces(b)
-    except NotImplementedError:
+    if not b.has_autograd:
         raise ValueError(
             f"the {backend} backend has no autograd to train the transformer; choose {choose}"
-        ) from None
-    return Engine(b, cfg, dtype, threads, staged=staged)
-
-
-def _autograd_traces(b: Backend) -> bool:
-    """Whether ``b.value_and_grad`` hands the function traced (not concrete) values, as JAX's
-    transformations do; ``NotImplementedError`` when the backend has no autograd."""
-    seen: list[bool] = []
-
-    def probe(x: Array) -> Array:
-        seen.append(b.is_concrete(x))
-        return b.sum(x * x, axis=None)
-
-    b.value_and_grad(probe, [b.from_numpy(np.ones(2, dtype=np.float32))])
-    return not seen[0]
+        )
+    # JAX traces the function it differentiates: compile the model's passes once (staged)
+    return Engine(b, cfg, dtype, threads, staged=b.traces)
 
 
 def adam_update(
@@ -194,8 +181,7 @@ class Engine:
         self._np_dtype = np.dtype(dtype)
         self._masks: dict[Any, Array] = {}
         with self.scope():
-            # the gate's probe (z = 0), from a (1,) array: torch's from_numpy makes 0-d ones 1-d
-            self._zero = backend.reshape(backend.from_numpy(np.zeros(1, self._np_dtype)), ())
+            self._zero = backend.from_numpy(np.zeros((), self._np_dtype))  # the gate's probe
         self._threads = backend.set_threads(threads)
 
     # --- the model ------------------------------------------------------------------------

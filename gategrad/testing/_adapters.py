@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from gategrad._backend import MODES, OPTIONAL_BACKENDS, check_mode, framework_of, get_backend
+from gategrad._backend import MODES, check_mode
+from gategrad._dispatch import OPTIONAL_BACKENDS, framework_of, get_backend
 
 __all__ = [
     "FRAMEWORKS",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gategrad._backend import get_backend, is_available
+from gategrad._dispatch import get_backend, is_available
 
 from ._adapters import FRAMEWORKS, MODES, from_numpy, to_numpy, value_and_grad, vmap_value_and_grad
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gategrad._backend import get_backend
+from gategrad._dispatch import get_backend
 from gategrad._gate import Gate
 from gategrad._loss_registry import LOSSES
 

@@ -1,6 +1,6 @@
 """The forward passes of the test-kit models, written once for every framework.
 
-Each function finds its backend from the parameters' arrays (:func:`gategrad._backend.backend_for`)
+Each function finds its backend from the parameters' arrays (:func:`gategrad._dispatch.backend_for`)
 and computes with that backend's operations only, so NumPy, PyTorch, JAX and MLX run the same
 maths: ``x @ W`` matmuls, LayerNorm with the biased variance and :data:`LN_EPS`, the tanh GELU
 with :data:`GELU_C`, masked attention scores set to :data:`MASK_VALUE` and the backend's
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from gategrad._backend import Array, Backend, backend_for, framework_of, get_backend
+from gategrad._backend import Array, Backend
+from gategrad._dispatch import backend_for, framework_of, get_backend
 from gategrad.testing.models._params import (
     GELU_C,
     LN_EPS,
