@@ -95,13 +95,26 @@ class LabResult:
         raise KeyError(name_or_key)
 
 
-def total_steps(cfg: LabConfig) -> int:
+def total_steps(cfg: LabConfig, methods: list[Any] | None = None) -> int:
     """Optimisation steps of a resolved config (for progress bars)."""
-    n_methods = len(cfg.methods())
+    n_methods = len(cfg.methods() if methods is None else methods)
     per_seed = n_methods * cfg.settled().steps
     if cfg.model == "transformer":
         per_seed += cfg.transformer.sft_steps
     return per_seed * len(cfg.seeds)
+
+
+def timed_records(
+    cfg: LabConfig, methods: list[Any], progress: bool, desc: str
+) -> tuple[list[Any], float]:
+    """:func:`run_records` under a progress bar; returns the records and the seconds taken."""
+    bar = Progress(total_steps(cfg, methods), enabled=progress, desc=desc)
+    t0 = time.perf_counter()
+    try:
+        records = run_records(cfg, methods, on_step=bar.update, on_phase=bar.describe)
+    finally:
+        bar.close()
+    return records, time.perf_counter() - t0
 
 
 def run_records(
@@ -192,13 +205,7 @@ def run_lab(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
-    bar = Progress(total_steps(cfg), enabled=progress, desc=f"{cfg.model}/{cfg.backend}")
-    t0 = time.perf_counter()
-    try:
-        records = run_records(cfg, methods, on_step=bar.update, on_phase=bar.describe)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    records, seconds = timed_records(cfg, methods, progress, f"{cfg.model}/{cfg.backend}")
     rows = summarize(records, methods)
     start = start_summary(records)
     table = format_table(rows)

@@ -19,7 +19,6 @@ defaults were chosen on.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,22 +156,12 @@ def run_sweep(
     echo: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run the sweep with the model, backend, seeds, steps, lr and beta of ``cfg``."""
-    from .runner import Progress, run_records, write_json
+    from .runner import timed_records, write_json
 
     spec = spec or SweepSpec()
     cfg = cfg.resolved()
     methods = sweep_methods(spec)
-    total = len(cfg.seeds) * (
-        len(methods) * cfg.settled().steps
-        + (cfg.transformer.sft_steps if cfg.model == "transformer" else 0)
-    )
-    bar = Progress(total, enabled=progress, desc=f"sweep {cfg.model}/{cfg.backend}")
-    t0 = time.perf_counter()
-    try:
-        records = run_records(cfg, methods, on_step=bar.update, on_phase=bar.describe)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    records, seconds = timed_records(cfg, methods, progress, f"sweep {cfg.model}/{cfg.backend}")
     rows = summarize(records, methods)
     selection = select(rows, methods, spec.recover)
     table = format_sweep(rows, selection)
