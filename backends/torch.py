@@ -254,8 +254,9 @@ class TorchBackend(Backend):
         return x.cpu().numpy()
 
     def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
-        # np.ascontiguousarray would turn a 0-d array into (1,); 0-d arrays are contiguous
-        t = torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+        # np.ascontiguousarray makes a 0-d array (1,): reshape it back (dynamo traces
+        # ndarray.shape, not ndarray.flags)
+        t = torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)
         t = t if dtype is None else t.to(_DTYPES[dtype])
         return t if like is None else t.to(like.device)
 

@@ -144,3 +144,16 @@ def test_value_checks_context_manager_restores_the_setting() -> None:
         gate_rejected(x, Gate())
     with pytest.raises(TypeError, match="a bool"):
         gategrad.value_checks("no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "mlx"])
+def test_from_numpy_keeps_shapes_and_dtypes(backend: str) -> None:
+    """0-d, transposed (non-contiguous) and integer arrays keep their shape, values and kind."""
+    skip_unless(backend)
+    b = gategrad.get_backend(backend)
+    for a in (np.float32(1.5) * np.ones(()), np.arange(6.0).reshape(2, 3).T, np.arange(4)):
+        x = b.from_numpy(a)
+        assert tuple(x.shape) == a.shape
+        np.testing.assert_array_equal(b.to_numpy(x), a.astype(b.to_numpy(x).dtype))
+        assert b.is_floating(x) == np.issubdtype(a.dtype, np.floating)
+    assert b.to_numpy(b.from_numpy(np.ones(2), dtype="float32")).dtype == np.float32
