@@ -332,8 +332,8 @@ def preference_loss(
                 name,
                 mask=mask_w if "chosen" in name else mask_l,
                 allow_neg_inf=False,
-                hint="preference losses need finite log-probs (a -inf log-prob means a token of "
-                "probability 0: check the labels, the masks and the model's logits)",
+                hint="a -inf log-prob means a token of probability 0; check the labels, the "
+                "masks and the model's logits",
             )
     if spec.needs_lengths(params) and (len_w is None or len_l is None):
         raise ValueError(
