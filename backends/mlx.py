@@ -103,9 +103,6 @@ class MlxBackend(Backend):
     def full_like(self, x: Array, value: float) -> Array:
         return mx.full(x.shape, value, dtype=x.dtype)
 
-    def tril_mask(self, n: int, like: Array) -> Array:
-        return mx.tril(mx.ones((n, n), dtype=mx.bool_))
-
     def dtype(self, name: DTypeName) -> Any:
         return getattr(mx, name)
 

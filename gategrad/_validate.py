@@ -90,25 +90,16 @@ def require_floating(backend: Backend, x: Array, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
 
 
-def require_shape(x: Array, shape: tuple[int, ...], name: str, other: str) -> None:
-    """``x.shape == shape`` or ``ValueError`` saying what it must match."""
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {tuple(x.shape)} but {other} has shape {tuple(shape)}; "
-            "they must match"
-        )
-
-
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def positive_number(name: str, value: Any, *, allow_array: bool = True) -> None:
-    """A finite number ``> 0`` (arrays pass unchecked when ``allow_array``)."""
+def positive_number(name: str, value: Any) -> None:
+    """A finite number ``> 0``; arrays (traced values) pass unchecked."""
     if is_number(value):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    elif isinstance(value, bool) or value is None or not allow_array:
+    elif isinstance(value, bool) or value is None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
