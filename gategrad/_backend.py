@@ -1,4 +1,4 @@
-"""The backend base class and the framework registry (in the manner of einops' ``_backends``).
+"""The backend base class (in the manner of einops' ``_backends``): one object per framework.
 
 A backend is one object per framework, defined in ``gategrad.backends.<name>`` (the only module
 that names that framework's API). :class:`Backend` gives NumPy-like defaults written against
