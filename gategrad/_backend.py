@@ -124,7 +124,7 @@ class Backend(abc.ABC):
     | dtypes | `dtype` `compute_dtype` `astype` `is_floating` `bool_mask` `as_index` |
     | gradients | `scale_grad` `stop_gradient` `checkpoint` |
     | inspection | `is_concrete` `nonzero_rows` |
-    | conversion | `to_numpy` `from_numpy` `tree_to_numpy` |
+    | conversion | `to_numpy` `from_numpy` |
     | kernels | `token_logps` |
     | tooling | `compile` `value_and_grad` `vmap_value_and_grad` `vjp` `tree_map` |
     | training | `value_and_grad_fn` `adamw` `evaluate` |
@@ -313,14 +313,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def asarray(self, a: Any, dtype: DTypeName | None, like: Array | None) -> Array:
         """``from_numpy`` after the checks: ``a`` a NumPy array, ``dtype`` ``None`` to keep."""
-
-    def tree_to_numpy(self, tree: Any) -> Any:
-        """``tree`` (dict, list or tuple of arrays) with every leaf as ``np.ndarray``."""
-        if isinstance(tree, dict):
-            return {k: self.tree_to_numpy(v) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(self.tree_to_numpy(v) for v in tree)
-        return self.to_numpy(tree)
 
     # --- kernels ---------------------------------------------------------------------------
     def token_logps(

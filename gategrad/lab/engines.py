@@ -94,8 +94,7 @@ def get_engine(
         raise ValueError(
             f"the {backend} backend has no autograd to train the transformer; choose {choose}"
         )
-    # JAX traces the function it differentiates: compile the model's passes once (staged)
-    return Engine(b, cfg, dtype, threads, staged=b.traces)
+    return Engine(b, cfg, dtype, threads)
 
 
 def adam_update(
@@ -156,8 +155,8 @@ class Engine:
     The parameters are one flat vector (the engine's ``params``), viewed as the model's dict
     of arrays in each forward pass, so Adam's dozen operations act on three arrays per step,
     not on three per parameter tensor (eager PyTorch pays per operation). ``staged``: compile
-    the model's passes once and each objective separately (for an autograd that traces, JAX);
-    otherwise every step is one eager ``value_and_grad``.
+    the model's passes once and each objective separately (default: where the backend's
+    autograd traces, JAX); otherwise every step is one eager ``value_and_grad``.
     """
 
     def __init__(
@@ -167,8 +166,9 @@ class Engine:
         dtype: str = "float32",
         threads: int = 1,
         *,
-        staged: bool = False,
+        staged: bool | None = None,
     ) -> None:
+        staged = backend.traces if staged is None else staged
         self.b, self.cfg, self.dtype, self.staged = backend, cfg, dtype, staged
         self.name = backend.name
         self._shapes = transformer_param_shapes(cfg)
