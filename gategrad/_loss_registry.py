@@ -139,10 +139,14 @@ def _ipo(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
 
 
 def _cal_dpo(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
+    """``-ls(h_w - h_l) + w ((h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2)``, ``w`` =
+    ``calibration_weight``. The official code (tengxiao1/Cal-DPO, ``scripts/dpo_trainer.py``,
+    lines 1212-1216 at commit 7d16b46) computes ``DPO_loss + 0.5 * Cal_loss`` with ``Cal_loss``
+    two ``F.mse_loss`` batch means; the batch mean of this per-example form is the same."""
     target = 1.0 / (2.0 * beta)
     cw = t.h_w - target
     cl = t.h_l + target
-    return -ops.log_sigmoid(t.h_w - t.h_l) + cw * cw + cl * cl
+    return -ops.log_sigmoid(t.h_w - t.h_l) + p["calibration_weight"] * (cw * cw + cl * cl)
 
 
 def _dpo_shift(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
@@ -179,7 +183,19 @@ _SPECS: tuple[LossSpec, ...] = (
         (LossParam("length_normalize", True, _boolean, "divide h by |y| (TRL)"),),
         needs_lengths=lambda p: bool(p["length_normalize"]),
     ),
-    LossSpec("cal_dpo", "Cal-DPO", _cal_dpo),
+    LossSpec(
+        "cal_dpo",
+        "Cal-DPO (the official code's weight 0.5)",
+        _cal_dpo,
+        (
+            LossParam(
+                "calibration_weight",
+                0.5,
+                _in_range(0.0, math.inf),
+                "weight of the calibration terms (0.5: official code; 1: the paper's equation)",
+            ),
+        ),
+    ),
     LossSpec(
         "dpo_shift",
         "DPO-Shift",

@@ -12,7 +12,7 @@ counts and
 |---|---|
 | ``sigmoid`` | ``-(1 - eps) ls(beta (h_w - h_l)) - eps ls(-beta (h_w - h_l))``  (DPO; eps=0) |
 | ``ipo`` | ``(h_w / n_w - h_l / n_l - 1 / (2 beta))^2``  (length-normalised, as TRL) |
-| ``cal_dpo`` | ``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2`` |
+| ``cal_dpo`` | ``-ls(h_w - h_l) + w ((h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2)``, ``w=0.5`` |
 | ``dpo_shift`` | ``-ls(beta h_w - lam beta h_l)`` |
 | ``simpo`` | ``-ls(beta pi_w / n_w - beta pi_l / n_l - gamma)``  (no reference) |
 | ``dpop`` | ``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))`` |
@@ -541,10 +541,17 @@ def ipo_loss(*, length_normalize: bool = True, **options: Unpack[LossOptions]) -
 
 
 @_named("cal_dpo")
-def cal_dpo_loss(**options: Unpack[LossOptions]) -> None:
+def cal_dpo_loss(
+    *, calibration_weight: float = 0.5, **options: Unpack[LossOptions]
+) -> None:
     """Cal-DPO (Xiao et al. 2024, arXiv 2412.14516):
-    ``-ls(h_w - h_l) + (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2`` (no beta inside the
-    sigmoid). ``preference_loss("cal_dpo", ...)``.
+    ``-ls(h_w - h_l) + w ((h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2)`` with
+    ``w = calibration_weight`` (no beta inside the sigmoid).
+
+    The default ``w = 0.5`` is the authors' code (tengxiao1/Cal-DPO,
+    ``scripts/dpo_trainer.py`` lines 1212-1216: ``losses = DPO_loss + 0.5*Cal_loss``, whose
+    two ``F.mse_loss`` terms are batch means, so the batch means agree); ``w = 1`` is the
+    equation as the paper prints it. ``preference_loss("cal_dpo", ...)``.
     """
 
 

@@ -41,7 +41,7 @@ NAMED = {
 PARAMS = {
     "sigmoid": {"label_smoothing": 0.1},
     "ipo": {},
-    "cal_dpo": {},
+    "cal_dpo": {"calibration_weight": 0.7},
     "dpo_shift": {"lam": 0.8},
     "simpo": {"gamma": 0.3},
     "dpop": {"dpop_lambda": 5.0},
@@ -85,7 +85,8 @@ def ref_per_example(lt, pw, pl, rw, rl, nw, nl, beta, p):
             hw, hl = hw / nw, hl / nl
         return (hw - hl - 1 / (2 * beta)) ** 2
     if lt == "cal_dpo":
-        return -_ls(hw - hl) + (hw - 1 / (2 * beta)) ** 2 + (hl + 1 / (2 * beta)) ** 2
+        w = p.get("calibration_weight", 0.5)  # 0.5: the official code (tests/test_loss_sources.py)
+        return -_ls(hw - hl) + w * ((hw - 1 / (2 * beta)) ** 2 + (hl + 1 / (2 * beta)) ** 2)
     if lt == "dpo_shift":
         return -_ls(beta * hw - p.get("lam", 0.95) * beta * hl)
     if lt == "dpop":

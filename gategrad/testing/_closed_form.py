@@ -28,8 +28,8 @@ Per example (before the ``1/B`` of the batch mean), ``d/d pi_w`` and ``d/d pi_l`
 - ``hinge``: ``c = -1[1 - z > 0]``: ``beta c``, ``-beta c``;
 - ``ipo``: with ``d = h_w/|y_w| - h_l/|y_l| - 1/(2 beta)``: ``2d/|y_w|`` and ``-2d/|y_l|``
   (``length_normalize=False``: the lengths are taken as 1);
-- ``cal_dpo``: ``-s(-(h_w - h_l)) + 2 (h_w - 1/(2 beta))`` and
-  ``s(-(h_w - h_l)) + 2 (h_l + 1/(2 beta))``;
+- ``cal_dpo``: with ``w = calibration_weight``: ``-s(-(h_w - h_l)) + 2 w (h_w - 1/(2 beta))``
+  and ``s(-(h_w - h_l)) + 2 w (h_l + 1/(2 beta))``;
 - ``dpo_shift``: with ``u = beta h_w - lam beta h_l``: ``-beta s(-u)`` and ``lam beta s(-u)``;
 - ``simpo``: with ``u = beta pi_w/|y_w| - beta pi_l/|y_l| - gamma``: ``-s(-u) beta/|y_w|`` and
   ``s(-u) beta/|y_l|``;
@@ -200,9 +200,10 @@ def loss_grads(
     elif loss_type == "cal_dpo":
         t = 1.0 / (2.0 * beta)
         m = h_w - h_l
-        losses = -log_sigmoid(m) + (h_w - t) ** 2 + (h_l + t) ** 2
-        d_w = -sigmoid(-m) + 2.0 * (h_w - t)
-        d_l = sigmoid(-m) + 2.0 * (h_l + t)
+        w = p["calibration_weight"]
+        losses = -log_sigmoid(m) + w * ((h_w - t) ** 2 + (h_l + t) ** 2)
+        d_w = -sigmoid(-m) + 2.0 * w * (h_w - t)
+        d_l = sigmoid(-m) + 2.0 * w * (h_l + t)
     elif loss_type == "dpo_shift":
         lam = p["lam"]
         u = beta * h_w - lam * beta * h_l
