@@ -1,17 +1,67 @@
-"""``gategrad lab`` and ``gategrad lab sweep``: argparse wiring."""
+"""``gategrad lab``, ``gategrad lab sweep`` and ``gategrad lab scale``: argparse wiring.
+
+Every numeric flag is parsed by a checking type (:func:`int_at_least`, :func:`finite_float`),
+so ``--lr inf`` or ``--batch-size 0`` end as an argparse error naming the flag (exit code 2);
+a config file or an output directory that cannot be used ends as one ``gategrad lab: error:``
+line, also with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gategrad._gate import SHAPE_DEFAULTS
 
-from .config import MODEL_DEFAULTS, TRANSFORMER_BACKENDS, LabConfig
+from .config import MODEL_DEFAULTS, SFT_MODES, TRANSFORMER_BACKENDS, LabConfig
 from .methods import GATE_KINDS, LOSS_LABELS
 
-__all__ = ["add_lab_parser", "config_from_args", "main_lab"]
+__all__ = ["add_lab_parser", "config_from_args", "finite_float", "int_at_least", "main_lab"]
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(
+    low: float = 0.0, high: float = math.inf, *, low_open: bool = True
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``(low, high]`` (``[low, high]`` with
+    ``low_open=False``)."""
+    left = "(" if low_open else "["
+    right = "]" if math.isfinite(high) else ")"
+    where = f"in {left}{low:g}, {high:g}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        if not ok or value > high:
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number {where}"
+    return parse
+
+
+_POS_INT, _NONNEG_INT, _POS_FLOAT = int_at_least(1), int_at_least(0), finite_float()
 
 _SIG, _LOG = SHAPE_DEFAULTS["sigmoid"], SHAPE_DEFAULTS["log_sigmoid"]
 
@@ -70,34 +120,47 @@ def _common(p: argparse.ArgumentParser) -> None:
         "three alone selects --model transformer)",
     )
     g.add_argument(
-        "--seeds", type=int, nargs="+", default=None, metavar="N", help="seeds (default: 0 1 2)"
+        "--seeds",
+        type=_NONNEG_INT,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="seeds, integers >= 0 (default: 0 1 2)",
     )
     g.add_argument(
         "--steps",
-        type=int,
+        type=_POS_INT,
         default=None,
         help=f"preference-optimisation steps per run (toy {MODEL_DEFAULTS['toy']['steps']}, "
         f"transformer {MODEL_DEFAULTS['transformer']['steps']})",
     )
     g.add_argument(
         "--lr",
-        type=float,
+        type=_POS_FLOAT,
         default=None,
         help=f"Adam learning rate of the preference phase (toy {MODEL_DEFAULTS['toy']['lr']:g},"
         f" transformer {MODEL_DEFAULTS['transformer']['lr']:g})",
     )
-    g.add_argument("--beta", type=float, default=None, help="loss beta (default 0.1)")
+    g.add_argument("--beta", type=_POS_FLOAT, default=None, help="loss beta (default 0.1)")
     g.add_argument(
         "--eval-every",
-        type=int,
+        type=_POS_INT,
         default=None,
         help="steps between checkpoints (toy 15, transformer 20)",
     )
     g.add_argument(
         "--sft-steps",
-        type=int,
+        type=_NONNEG_INT,
         default=None,
         help="SFT warm-up steps (toy: teacher distillation, 300; transformer: 200)",
+    )
+    g.add_argument(
+        "--sft",
+        choices=SFT_MODES,
+        default=None,
+        help="standard (default): SFT on the language (transformer) or the teacher (toy); "
+        "extended: the same steps, also on the training pairs' chosen AND rejected responses "
+        "(Ren & Sutherland's extended SFT), before preference training",
     )
     g.add_argument(
         "--out",
@@ -116,10 +179,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="do not print the table")
 
     t = p.add_argument_group("transformer")
-    t.add_argument("--pairs", type=int, default=None, help="training pairs (default 768)")
-    t.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 32)")
-    t.add_argument("--d-model", type=int, default=None, help="model width (default 32)")
-    t.add_argument("--layers", type=int, default=None, help="transformer blocks (default 2)")
+    t.add_argument("--pairs", type=_POS_INT, default=None, help="training pairs (default 768)")
+    t.add_argument(
+        "--batch-size", type=_POS_INT, default=None, help="pairs per step (default 32)"
+    )
+    t.add_argument(
+        "--d-model", type=_POS_INT, default=None, help="model width, even (default 32)"
+    )
+    t.add_argument("--layers", type=_POS_INT, default=None, help="transformer blocks (default 2)")
     t.add_argument(
         "--dtype",
         choices=("float32", "float64"),
@@ -128,7 +195,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--threads",
-        type=int,
+        type=_POS_INT,
         default=None,
         help="torch CPU threads (default 1; tiny models run fastest on one)",
     )
@@ -168,10 +235,10 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
             f"temperature T of the per-token log-space gate (default {_LOG['temperature']:g})",
         ),
     ):
-        g.add_argument(flag, type=float, default=None, help=what)
+        g.add_argument(flag, type=_POS_FLOAT, default=None, help=what)
     g.add_argument(
         "--dpo-shift-lam",
-        type=float,
+        type=finite_float(0.0, 1.0),
         default=None,
         help="DPO-Shift's fixed lambda in (0, 1] (default 0.95)",
     )
@@ -188,7 +255,7 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common(lab)
     _methods_args(lab)
-    sub = lab.add_subparsers(dest="lab_command", metavar="{sweep}")
+    sub = lab.add_subparsers(dest="lab_command", metavar="{sweep,scale}")
     sweep = sub.add_parser(
         "sweep",
         help="sweep the gate parameters (how the defaults were chosen)",
@@ -218,40 +285,99 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--alphas",
-        type=float,
+        type=_POS_FLOAT,
         nargs="+",
         default=None,
         help="alphas of the seq/q10 grid (default 50 200 1000 5000)",
     )
     g.add_argument(
         "--taus",
-        type=float,
+        type=_POS_FLOAT,
         nargs="+",
         default=None,
         help="taus of the seq/q10 grid (default 1e-3 3e-3 1e-2 2e-2 5e-2)",
     )
     g.add_argument(
         "--log-taus",
-        type=float,
+        type=_POS_FLOAT,
         nargs="+",
         default=None,
         help="taus of the token grid (default 1e-8 1e-6 1e-4 1e-3 1e-2 1e-1)",
     )
     g.add_argument(
         "--temperatures",
-        type=float,
+        type=_POS_FLOAT,
         nargs="+",
         default=None,
         help="temperatures of the token grid (default 1)",
     )
     g.add_argument(
         "--recover",
-        type=float,
+        type=finite_float(0.0, 1.0),
         default=0.9,
         help="share of the squeezing loss a setting must recover (default 0.9)",
     )
+    _add_scale_parser(sub)
     lab.set_defaults(_handler=main_lab)
     return lab
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``LAYERSxWIDTH`` (e.g. ``2x32``) -> ``(2, 32)``."""
+    parts = text.lower().split("x")
+    try:
+        layers, width = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be LAYERSxWIDTH such as 2x32, got {text!r}"
+        ) from None
+    if layers < 1 or width < 2 or width % 2:
+        raise argparse.ArgumentTypeError(
+            f"needs >= 1 layer and an even width >= 2 (2 heads), got {text!r}"
+        )
+    return layers, width
+
+
+def _add_scale_parser(sub: Any) -> None:
+    from .scale import DEFAULT_SIZES
+
+    scale = sub.add_parser(
+        "scale",
+        help="the paper's scale claim in miniature: DPO vs Gate-DPO at several model sizes",
+        description=(
+            "Train the transformer of `gategrad lab --model transformer` at several sizes with "
+            "DPO and Gate-DPO (seq) and report Δ Chosen against the parameter count, mean ± std "
+            "over seeds. Writes scale.txt, scale.json and scale.png. The paper's claim to test: "
+            "smaller gated models gain more chosen log-prob than larger ungated ones."
+        ),
+        epilog=(
+            "examples:\n  gategrad lab scale                  # torch, ~5 min on 2 cores\n"
+            "  gategrad lab scale --sizes 1x16 2x32 --seeds 0\n"
+            "  gategrad lab scale --backend jax --gates none seq zero"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(scale)
+    g = scale.add_argument_group("sizes and methods")
+    g.add_argument(
+        "--sizes",
+        type=_size,
+        nargs="+",
+        default=None,
+        metavar="LxW",
+        help="model sizes as LAYERSxWIDTH (default: "
+        + " ".join(f"{n}x{d}" for n, d in DEFAULT_SIZES)
+        + "); d_ff is twice the width, 2 heads",
+    )
+    g.add_argument("--losses", nargs="+", default=None, metavar="LOSS", help="default: dpo")
+    g.add_argument(
+        "--gates",
+        nargs="+",
+        default=None,
+        choices=GATE_KINDS,
+        metavar="KIND",
+        help="gate kinds per loss (default: none seq)",
+    )
 
 
 def _copy(args: argparse.Namespace, target: Any, names: dict[str, str]) -> None:
@@ -280,6 +406,7 @@ def config_from_args(args: argparse.Namespace, *, sweep: bool = False) -> LabCon
         cfg.backend = None  # the toy's backend does not carry over to the transformer
     _copy(args, cfg, {"backend": "backend", "seeds": "seeds", "steps": "steps", "lr": "lr"})
     _copy(args, cfg, {"beta": "beta", "eval_every": "eval_every", "out": "out_dir"})
+    _copy(args, cfg, {"sft": "sft"})
     if args.sft_steps is not None:
         cfg.toy.sft_steps = args.sft_steps
         cfg.transformer.sft_steps = args.sft_steps
@@ -298,18 +425,48 @@ def config_from_args(args: argparse.Namespace, *, sweep: bool = False) -> LabCon
     return cfg
 
 
+def _scale_config(args: argparse.Namespace) -> LabConfig:
+    """The scale command's base config: the transformer, seeds 0 1 2, DPO with and without the
+    ``seq`` gate (flags override)."""
+    if args.model == "toy":
+        raise ValueError("gategrad lab scale trains the transformer; drop --model toy")
+    if args.d_model is not None or args.layers is not None:
+        raise ValueError("gategrad lab scale sets the sizes with --sizes LxW, not --d-model/--layers")
+    args.model = "transformer"
+    cfg = config_from_args(args)
+    if args.config is None:
+        cfg.losses = ["sigmoid"] if args.losses is None else args.losses
+        cfg.gates = ["none", "seq"] if args.gates is None else args.gates
+        if args.out is None:
+            cfg.out_dir = None  # set after resolving (it names the backend)
+    return cfg
+
+
 def main_lab(args: argparse.Namespace) -> int:
-    """Entry point of ``gategrad lab [sweep]``."""
-    sweep = getattr(args, "lab_command", None) == "sweep"
+    """Entry point of ``gategrad lab [sweep|scale]``."""
+    command = getattr(args, "lab_command", None)
+    sweep = command == "sweep"
     try:
-        cfg = config_from_args(args, sweep=sweep)
-        cfg = cfg.resolved()
+        if command == "scale":
+            cfg = _scale_config(args)
+            unset_out = cfg.out_dir is None
+            cfg = cfg.resolved()
+            if unset_out:
+                cfg.out_dir = f"gategrad-lab/scale-{cfg.backend}"
+        else:
+            cfg = config_from_args(args, sweep=sweep)
+            cfg = cfg.resolved()
     except (ValueError, OSError) as err:
         print(f"gategrad lab: error: {err}", file=sys.stderr)
         return 2
     echo = None if args.quiet else print
     try:
-        if sweep:
+        if command == "scale":
+            from .scale import DEFAULT_SIZES, run_scale
+
+            sizes = list(DEFAULT_SIZES) if args.sizes is None else args.sizes
+            run_scale(cfg, sizes, plots=not args.no_plots, progress=not args.no_progress, echo=echo)
+        elif sweep:
             from .sweep import SweepSpec, run_sweep
 
             if args.out is None and args.config is None:
@@ -327,4 +484,8 @@ def main_lab(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"gategrad lab: error: {err}", file=sys.stderr)
         return 3
+    except OSError as err:  # an output directory that cannot be created or written
+        where = f" (--out {cfg.out_dir})" if cfg.out_dir else ""
+        print(f"gategrad lab: error: cannot write the outputs{where}: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,34 @@ __all__ = ["MODEL_DEFAULTS", "LabConfig", "Settled", "ToyOptions", "TransformerO
 
 MODELS: tuple[str, ...] = ("toy", "transformer")
 TRANSFORMER_BACKENDS: tuple[str, ...] = ("torch", "jax", "mlx")
+#: ``standard``: SFT on the language (transformer) / the teacher (toy); ``extended``: the same
+#: steps, plus the training pairs' chosen and rejected responses (Ren & Sutherland's fix).
+SFT_MODES: tuple[str, ...] = ("standard", "extended")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """``ValueError`` unless ``value`` is an int ``>= low`` (``name``: the option's name)."""
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_float(
+    name: str, value: Any, low: float = 0.0, high: float = math.inf, *, low_open: bool = True
+) -> None:
+    """``ValueError`` unless ``value`` is a finite number in ``(low, high]`` (``[low, high]``
+    with ``low_open=False``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        left = "(" if low_open else "["
+        right = "]" if math.isfinite(high) else ")"
+        raise ValueError(
+            f"{name} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}"
+        )
 
 
 @dataclass
@@ -32,7 +61,9 @@ class ToyOptions:
     policy is distilled from the teacher for ``sft_steps`` full-batch Adam steps (lr 0.05).
     ``optimizer`` of the preference phase: ``adam`` (default; the same for every loss) or
     ``sgd`` (plain gradient descent, as in Ren & Sutherland's analysis; IPO and Cal-DPO need a
-    small ``--lr`` with it).
+    small ``--lr`` with it). ``response_len``: tokens per response; every response position
+    has its own context vector, so the ``seq`` (geometric mean), ``q10`` and per-token gates
+    see different probabilities.
     """
 
     vocab: int = 16
@@ -44,6 +75,16 @@ class ToyOptions:
     teacher_scale: float = 2.0
     sft_steps: int = 300
     optimizer: str = "adam"
+    response_len: int = 4
+
+    def check(self) -> None:
+        for name in ("vocab", "dim", "n_train", "n_heldout", "n_probes", "response_len"):
+            check_int(f"toy.{name}", getattr(self, name), 2 if name == "vocab" else 1)
+        check_int("toy.sft_steps (--sft-steps)", self.sft_steps, 0)
+        check_float("toy.shared", self.shared, 0.0, 1.0, low_open=False)
+        check_float("toy.teacher_scale", self.teacher_scale, 0.0, low_open=False)
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"toy.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
 
 @dataclass
@@ -78,6 +119,25 @@ class TransformerOptions:
     dtype: str = "float32"
     threads: int = 1
 
+    def check(self) -> None:
+        flags = {"n_pairs": "--pairs", "batch_size": "--batch-size", "d_model": "--d-model",
+                 "n_layers": "--layers", "threads": "--threads"}  # fmt: skip
+        for name in ("n_topics", "n_content", "prompt_len", "response_len", "d_model",
+                     "n_heads", "n_layers", "d_ff", "sft_batch", "n_pairs", "batch_size",
+                     "n_heldout", "n_probe", "threads"):  # fmt: skip
+            flag = f" ({flags[name]})" if name in flags else ""
+            check_int(f"transformer.{name}{flag}", getattr(self, name), 1)
+        check_int("transformer.sft_steps (--sft-steps)", self.sft_steps, 0)
+        check_float("transformer.concentration", self.concentration)
+        check_float("transformer.sft_lr", self.sft_lr)
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"transformer.d_model (--d-model) must be a multiple of n_heads={self.n_heads}, "
+                f"got {self.d_model}"
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"transformer.dtype must be float32 or float64, got {self.dtype!r}")
+
 
 #: Model-dependent defaults of the shared fields.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -104,7 +164,7 @@ class LabConfig:
     ``losses``: base losses (``dpo``/``sigmoid``, ``ipo``, ``cal_dpo``, ``dpo_shift``, ...);
     ``gates``: gate kinds per loss (``none``, ``seq``, ``q10``, ``token``, ``zero``); ``alpha``,
     ``tau``: the paper's sigmoid gate; ``log_tau``, ``temperature``: the per-token log-space gate;
-    ``dpo_shift_lam``: DPO-Shift's fixed lambda.
+    ``dpo_shift_lam``: DPO-Shift's fixed lambda; ``sft``: one of :data:`SFT_MODES`.
     """
 
     model: str = "toy"
@@ -120,6 +180,7 @@ class LabConfig:
     log_tau: float | None = None
     temperature: float | None = None
     dpo_shift_lam: float = 0.95
+    sft: str = "standard"
     eval_every: int | None = None
     out_dir: str | None = None
     toy: ToyOptions = field(default_factory=ToyOptions)
@@ -154,14 +215,22 @@ class LabConfig:
             gp.log_tau,
             gp.temperature,
         )
+        if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
+            raise ValueError(f"seeds (--seeds) must be a non-empty list, got {self.seeds!r}")
+        for seed in self.seeds:
+            check_int("every seed (--seeds)", seed, 0)
         out.seeds = [int(s) for s in self.seeds]
-        if not out.seeds:
-            raise ValueError("seeds must not be empty")
-        r = out.settled()
-        if r.steps < 1 or r.eval_every < 1:
-            raise ValueError("steps and eval_every must be >= 1")
-        if not (r.lr > 0 and out.beta > 0):
-            raise ValueError("lr and beta must be > 0")
+        check_int("steps (--steps)", out.steps, 1)
+        check_int("eval_every (--eval-every)", out.eval_every, 1)
+        check_float("lr (--lr)", out.lr)
+        check_float("beta (--beta)", out.beta)
+        check_float("dpo_shift_lam (--dpo-shift-lam)", out.dpo_shift_lam, 0.0, 1.0)
+        if out.sft not in SFT_MODES:
+            raise ValueError(f"sft (--sft) must be one of {SFT_MODES}, got {out.sft!r}")
+        for name in ("alpha", "tau", "log_tau", "temperature"):
+            check_float(f"{name} (--{name.replace('_', '-')})", getattr(out, name))
+        out.toy.check()
+        out.transformer.check()
         self.methods_of(out)  # validates losses and gates
         return out
 
@@ -200,12 +269,36 @@ class LabConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
-        toy = ToyOptions(**data.pop("toy", {}))
-        tr = TransformerOptions(**data.pop("transformer", {}))
-        return cls(toy=toy, transformer=tr, **data)
+        parts = {}
+        for key, kind in (("toy", ToyOptions), ("transformer", TransformerOptions)):
+            sub = data.pop(key, {})
+            if not isinstance(sub, dict):
+                raise ValueError(f"config key {key!r} must be an object, got {sub!r}")
+            names = {f.name for f in dataclasses.fields(kind)}
+            bad = sorted(set(sub) - names)
+            if bad:
+                raise ValueError(f"unknown config keys {[f'{key}.{b}' for b in bad]}")
+            parts[key] = kind(**sub)
+        return cls(toy=parts["toy"], transformer=parts["transformer"], **data)
 
     @classmethod
     def load(cls, path: str | Path) -> LabConfig:
+        """Read a ``config.json`` (or a ``results.json``, whose ``config`` it takes).
+
+        Raises:
+            ValueError: the file is not JSON, or not a lab configuration (the message names
+                the file); OSError: it cannot be read.
+        """
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return cls.from_dict(data.get("config", data))
+            try:
+                data = json.load(fh)
+            except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{path} is not a JSON file: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object (a lab config.json)")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None

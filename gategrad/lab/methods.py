@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gategrad._gate import SHAPE_DEFAULTS, Gate
+from gategrad._loss_registry import resolve
 
 __all__ = [
     "BASE_LOSSES",
@@ -167,6 +168,7 @@ def build_methods(
     out = []
     for loss in losses:
         lt = canonical_loss(loss)
+        resolve(lt, dict(lp.get(lt, {})))  # the registry's checks (e.g. lam in (0, 1])
         for kind in gates:
             if kind not in GATE_KINDS:
                 raise ValueError(f"unknown gate kind {kind!r}; choose from {GATE_KINDS}")

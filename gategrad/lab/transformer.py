@@ -6,7 +6,8 @@ numbers):
 1. a synthetic language (:mod:`gategrad.lab.grammar`) and the tiny transformer of
    :mod:`gategrad.testing.models` initialised with ``init_transformer_params(cfg, seed)``;
 2. **SFT warm-up**: ``sft_steps`` Adam steps of next-token cross-entropy on fresh samples of the
-   language (whole sequences);
+   language (whole sequences); with ``sft="extended"`` every step also takes ``sft_batch // 4``
+   training pairs, chosen **and** rejected sequences (Ren & Sutherland's extended SFT);
 3. **preference pairs**: chosen = a language sample (on-distribution), rejected = the same prompt
    with uniformly random content tokens (off-policy and low-probability under the SFT model);
    the reference model is the SFT model;
@@ -151,8 +152,12 @@ def _run(
         rng = np.random.default_rng([seed, 0x5F7])
         full = lang.full_mask(1)
         sft_loss = float("nan")
+        extra = max(1, o.sft_batch // 4) if cfg.sft == "extended" else 0
         for _ in range(o.sft_steps):
             tokens, _ = lang.sample(rng, o.sft_batch)
+            if extra:  # the pairs' chosen and rejected sequences, whole (as the samples)
+                idx = rng.integers(0, o.n_pairs, size=extra)
+                tokens = np.concatenate([tokens, data.train_chosen[idx], data.train_rejected[idx]])
             sft_loss = trainer.sft_step(tokens, full)
             if on_step is not None:
                 on_step(1)
