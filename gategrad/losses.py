@@ -12,7 +12,7 @@ counts and
 |---|---|
 | ``sigmoid`` | ``-(1 - eps) ls(beta (h_w - h_l)) - eps ls(-beta (h_w - h_l))``  (DPO; eps=0) |
 | ``ipo`` | ``(h_w / n_w - h_l / n_l - 1 / (2 beta))^2``  (length-normalised, as TRL) |
-| ``cal_dpo`` | ``-ls(h_w - h_l) + w ((h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2)``, ``w=0.5`` |
+| ``cal_dpo`` | ``-ls(h_w - h_l) + w ((h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2)``, w=0.5 |
 | ``dpo_shift`` | ``-ls(beta h_w - lam beta h_l)`` |
 | ``simpo`` | ``-ls(beta pi_w / n_w - beta pi_l / n_l - gamma)``  (no reference) |
 | ``dpop`` | ``-ls(beta (h_w - h_l - dpop_lambda max(0, ref_w - pi_w)))`` |
@@ -541,9 +541,7 @@ def ipo_loss(*, length_normalize: bool = True, **options: Unpack[LossOptions]) -
 
 
 @_named("cal_dpo")
-def cal_dpo_loss(
-    *, calibration_weight: float = 0.5, **options: Unpack[LossOptions]
-) -> None:
+def cal_dpo_loss(*, calibration_weight: float = 0.5, **options: Unpack[LossOptions]) -> None:
     """Cal-DPO (Xiao et al. 2024, arXiv 2412.14516):
     ``-ls(h_w - h_l) + w ((h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2)`` with
     ``w = calibration_weight`` (no beta inside the sigmoid).

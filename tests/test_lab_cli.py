@@ -244,3 +244,89 @@ def test_sweep_selects_by_the_documented_rule(tmp_path, capsys):
             best = max(ok, key=lambda r: r["mean"]["margin"])
             assert v["choice"]["key"] == best["method"]
     assert "Selected seq" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--beta", "inf"], "--beta"),
+        (["--beta", "-0.1"], "--beta"),
+        (["--dpo-shift-lam", "-3"], "--dpo-shift-lam"),
+        (["--dpo-shift-lam", "1.5"], "--dpo-shift-lam"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--pairs", "0"], "--pairs"),
+        (["--sft-steps", "-5"], "--sft-steps"),
+        (["--seeds", "-1"], "--seeds"),
+        (["--seeds", "0", "x"], "--seeds"),
+        (["--d-model", "0"], "--d-model"),
+        (["--steps", "0"], "--steps"),
+        (["--eval-every", "-1"], "--eval-every"),
+        (["--alpha", "inf"], "--alpha"),
+        (["--sft", "longer"], "--sft"),
+    ],
+)
+def test_cli_refuses_bad_numbers_naming_the_flag(argv, flag, capsys):
+    """An argparse error (exit code 2) that names the flag, before anything runs: these used
+    to print a table of NaN, be ignored, or end in a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(["lab", *argv, "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_cli_refuses_an_odd_width_and_scale_sizes(capsys):
+    assert main(["lab", "--model", "transformer", "--d-model", "3", "--no-progress"]) == 2
+    assert "d_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["lab", "scale", "--sizes", "2by32"])
+    assert exc.value.code == 2 and "--sizes" in capsys.readouterr().err
+    assert main(["lab", "scale", "--d-model", "64", "--no-progress"]) == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+def test_cli_unwritable_out_is_one_line_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc = main(["lab", *TINY, "--losses", "dpo", "--gates", "none", "--out", str(blocker / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gategrad lab: error:") and "--out" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{not json", "not a JSON file"),
+        ("[1, 2]", "JSON object"),
+        ('{"toy": {"bogus": 1}}', "toy.bogus"),
+        ('{"toy": 3}', "toy"),
+        ('{"seeds": [-1]}', "seed"),
+        ('{"lr": "fast"}', "lr"),
+        ('{"transformer": {"d_model": 0}}', "d_model"),
+        ('{"unknown": 1}', "unknown"),
+    ],
+)
+def test_cli_bad_config_file_is_one_line_exit_2(tmp_path, capsys, text, match):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    rc = main(["lab", "--config", str(path), "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert main(["lab", "--config", str(tmp_path / "none.json"), "--no-progress"]) == 2
+    assert "none.json" in capsys.readouterr().err
+
+
+def test_cli_extended_sft_is_recorded(tmp_path, capsys):
+    argv = ["lab", *TINY, "--losses", "dpo", "--gates", "none", "--sft", "extended"]
+    assert main([*argv, "--out", str(tmp_path), "--no-plots", "--quiet"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["sft"] == "extended"

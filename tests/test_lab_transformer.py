@@ -119,3 +119,44 @@ def test_jax_and_mlx_agree_with_torch(backend, torch_small):
         for a, b in zip(ck, ref[key], strict=True):
             for q in ("chosen", "rejected", "argmax", "top1", "entropy", "others"):
                 assert a[q] == pytest.approx(b[q], rel=2e-3, abs=2e-3), (backend, key, q)
+
+
+@pytest.mark.skipif(not _has("torch"), reason="torch is not installed")
+def test_scale_runs_every_size_and_writes_its_outputs(tmp_path):
+    """``gategrad lab scale`` on two tiny sizes: one row per (size, method), parameter counts
+    that equal the number of initial weights, and its three files."""
+    from gategrad.lab.scale import param_count, run_scale, sized
+    from gategrad.lab.transformer import model_config
+    from gategrad.testing.models import init_transformer_params
+
+    cfg = tiny("torch", gates=("none", "seq"), steps=10)
+    cfg.transformer.sft_steps = 10
+    cfg.out_dir = str(tmp_path)
+    res = run_scale(cfg, [(1, 8), (2, 16)], progress=False, echo=None)
+    assert [(r["size"], r["name"]) for r in res["rows"]] == [
+        ("1x8", "DPO"), ("1x8", "Gate-DPO (seq)"), ("2x16", "DPO"), ("2x16", "Gate-DPO (seq)")
+    ]  # fmt: skip
+    for (layers, width), row in zip([(1, 8), (2, 16)], res["rows"][::2], strict=True):
+        c = sized(cfg.resolved(), layers, width)
+        weights = init_transformer_params(model_config(c), 0)
+        assert row["params"] == param_count(c) == sum(w.size for w in weights.values())
+    for name in ("scale.txt", "scale.json", "scale.png"):
+        assert (tmp_path / name).is_file(), name
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert len(data["runs"]) == 4 and data["rows"][1]["mean"]["d_chosen"] == pytest.approx(
+        res["rows"][1]["mean"]["d_chosen"]
+    )
+    with pytest.raises(ValueError, match="transformer"):
+        run_scale(LabConfig(), [(1, 8)], write=False, echo=None)
+
+
+@pytest.mark.skipif(not _has("torch"), reason="torch is not installed")
+def test_extended_sft_fits_the_rejected_responses(tmp_path):
+    """With ``sft="extended"`` the SFT model has seen the rejected sequences, so they start
+    more probable than after the standard SFT."""
+    std = tiny("torch", gates=("none",), steps=1)
+    ext = tiny("torch", gates=("none",), steps=1)
+    ext.sft = "extended"
+    a = run_transformer(std)[0]["checkpoints"][0]
+    b = run_transformer(ext)[0]["checkpoints"][0]
+    assert b["train_rejected"] > a["train_rejected"] + 1.0, (a, b)

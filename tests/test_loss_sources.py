@@ -180,7 +180,7 @@ def measure(name: str, seeds=range(4), scales=(0.1, 1.0, 5.0)) -> dict[str, floa
                 gb = torch.autograd.grad(b, xs, allow_unused=True)
                 d_value = max(d_value, abs(float((a - b).detach())))
                 top = max(top, abs(float(a.detach())), abs(float(b.detach())))
-                for u, v in zip(ga, gb):
+                for u, v in zip(ga, gb, strict=True):
                     if u is None and v is None:
                         continue
                     u = torch.zeros_like(xs[0]) if u is None else u
@@ -239,7 +239,8 @@ TRL_LINES = {
         "per_sequence_loss = (ipo_delta - 1 / (2 * self.beta)) ** 2",
         "clean_loss_term = -(1 - self.label_smoothing) * F.logsigmoid(self.beta * delta_score)",
         "flipped_loss_term = -self.label_smoothing * F.logsigmoid(-self.beta * delta_score)",
-        "per_sequence_loss = (clean_loss_term - flipped_loss_term) / (1 - 2 * self.label_smoothing)",
+        "per_sequence_loss = (clean_loss_term - flipped_loss_term) / "
+        "(1 - 2 * self.label_smoothing)",
     ),
     "experimental/cpo/cpo_trainer.py": (
         "gamma_logratios = self.simpo_gamma / self.beta",
@@ -270,6 +271,6 @@ if __name__ == "__main__":  # the numbers of docs/losses.md's audit table
 
     warnings.simplefilter("ignore", UserWarning)
     print(f"gategrad from {gategrad.__file__}; float64 eps {np.finfo(np.float64).eps:.1e}")
-    for name, source in SOURCES.items():
+    for name in SOURCES:
         m = measure(name)
         print(f"{name:13s} value {m['value']:.1e}  grad {m['grad']:.1e}  (scale {m['scale']:.1e})")

@@ -68,9 +68,10 @@ _SIG, _LOG = SHAPE_DEFAULTS["sigmoid"], SHAPE_DEFAULTS["log_sigmoid"]
 LAB_DESCRIPTION = """\
 Reproduce the Gate-DPO protocol and watch squeezing happen.
 
-With no arguments: the embedded toy (a shared-feature softmax classifier, NumPy only,
-closed-form gradients) for DPO, IPO, Cal-DPO and DPO-Shift, each ungated and gated
-(paper's seq and q10 gates, our per-token log-space gate), 3 seeds. It takes seconds.
+With no arguments: the embedded toy (a shared-feature softmax classifier over 4-token
+responses, NumPy only, closed-form gradients) for DPO, IPO, Cal-DPO and DPO-Shift, each
+ungated, gated (paper's seq and q10 gates, our per-token log-space gate) and with the
+g=0 baseline, 3 seeds. It takes seconds.
 
 --model transformer --backend torch|jax|mlx runs the paper's protocol on a tiny
 decoder-only transformer: a synthetic topic-Markov language, SFT warm-up, preference pairs
@@ -90,8 +91,10 @@ examples:
   gategrad lab --model transformer --backend jax --losses dpo --gates none seq token zero
   gategrad lab --gates none token --log-tau 1e-3   # try another per-token gate tau
   gategrad lab --config gategrad-lab/toy-numpy/config.json   # re-run a saved config
+  gategrad lab --sft extended                      # SFT on chosen and rejected first
   gategrad lab sweep --model transformer           # the sweep behind the gate defaults
                                                    # (sweep options go after `sweep`)
+  gategrad lab scale --backend torch               # DPO vs Gate-DPO at 4 model sizes
 
 Reading the table: squeezing shows as Δ Chosen < 0 together with a large negative Δ Others
 and a rising top-1 mass / falling entropy; a gate that works keeps Δ Chosen near the g=0
@@ -180,12 +183,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     t = p.add_argument_group("transformer")
     t.add_argument("--pairs", type=_POS_INT, default=None, help="training pairs (default 768)")
-    t.add_argument(
-        "--batch-size", type=_POS_INT, default=None, help="pairs per step (default 32)"
-    )
-    t.add_argument(
-        "--d-model", type=_POS_INT, default=None, help="model width, even (default 32)"
-    )
+    t.add_argument("--batch-size", type=_POS_INT, default=None, help="pairs per step (default 32)")
+    t.add_argument("--d-model", type=_POS_INT, default=None, help="model width, even (default 32)")
     t.add_argument("--layers", type=_POS_INT, default=None, help="transformer blocks (default 2)")
     t.add_argument(
         "--dtype",
@@ -218,7 +217,7 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=GATE_KINDS,
         metavar="KIND",
-        help="gate variants per loss (default: none seq q10 token). none: ungated; seq / q10: "
+        help="gate variants per loss (default: none seq q10 token zero). none: ungated; seq / q10: "
         "the paper's sigmoid(alpha (p - tau)) with p the geometric-mean / 10th-percentile "
         "token probability of the rejected response; token: our per-token log-space gate "
         "sigmoid((log p - log tau)/T); zero: drop the rejected gradient (baseline)",
@@ -346,12 +345,13 @@ def _add_scale_parser(sub: Any) -> None:
         help="the paper's scale claim in miniature: DPO vs Gate-DPO at several model sizes",
         description=(
             "Train the transformer of `gategrad lab --model transformer` at several sizes with "
-            "DPO and Gate-DPO (seq) and report Δ Chosen against the parameter count, mean ± std "
-            "over seeds. Writes scale.txt, scale.json and scale.png. The paper's claim to test: "
-            "smaller gated models gain more chosen log-prob than larger ungated ones."
+            "DPO, Gate-DPO (seq) and the g=0 baseline and report Δ Chosen against the "
+            "parameter count, mean ± std over seeds. Writes scale.txt, scale.json and "
+            "scale.png. The paper's claim to test: smaller gated models gain more chosen "
+            "log-prob than larger ungated ones."
         ),
         epilog=(
-            "examples:\n  gategrad lab scale                  # torch, ~5 min on 2 cores\n"
+            "examples:\n  gategrad lab scale                  # torch, ~4 min of CPU\n"
             "  gategrad lab scale --sizes 1x16 2x32 --seeds 0\n"
             "  gategrad lab scale --backend jax --gates none seq zero"
         ),
@@ -376,7 +376,7 @@ def _add_scale_parser(sub: Any) -> None:
         default=None,
         choices=GATE_KINDS,
         metavar="KIND",
-        help="gate kinds per loss (default: none seq)",
+        help="gate kinds per loss (default: none seq zero)",
     )
 
 
@@ -431,12 +431,16 @@ def _scale_config(args: argparse.Namespace) -> LabConfig:
     if args.model == "toy":
         raise ValueError("gategrad lab scale trains the transformer; drop --model toy")
     if args.d_model is not None or args.layers is not None:
-        raise ValueError("gategrad lab scale sets the sizes with --sizes LxW, not --d-model/--layers")
+        raise ValueError(
+            "gategrad lab scale sets the sizes with --sizes LxW, not --d-model/--layers"
+        )
     args.model = "transformer"
     cfg = config_from_args(args)
     if args.config is None:
         cfg.losses = ["sigmoid"] if args.losses is None else args.losses
-        cfg.gates = ["none", "seq"] if args.gates is None else args.gates
+        from .scale import DEFAULT_GATES
+
+        cfg.gates = list(DEFAULT_GATES) if args.gates is None else args.gates
         if args.out is None:
             cfg.out_dir = None  # set after resolving (it names the backend)
     return cfg

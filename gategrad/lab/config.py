@@ -49,6 +49,16 @@ def check_float(
         )
 
 
+def _options(sub: Any, key: str, kind: type) -> dict[str, Any]:
+    """The ``key`` object of a config file, checked against the fields of ``kind``."""
+    if not isinstance(sub, dict):
+        raise ValueError(f"config key {key!r} must be an object, got {sub!r}")
+    bad = sorted(set(sub) - {f.name for f in dataclasses.fields(kind)})
+    if bad:
+        raise ValueError(f"unknown config keys {[f'{key}.{b}' for b in bad]}")
+    return sub
+
+
 @dataclass
 class ToyOptions:
     """The shared-feature softmax toy (NumPy, closed-form gradients, full-batch steps).
@@ -174,7 +184,7 @@ class LabConfig:
     lr: float | None = None
     beta: float = 0.1
     losses: list[str] = field(default_factory=lambda: list(BASE_LOSSES))
-    gates: list[str] = field(default_factory=lambda: ["none", "seq", "q10", "token"])
+    gates: list[str] = field(default_factory=lambda: ["none", "seq", "q10", "token", "zero"])
     alpha: float | None = None
     tau: float | None = None
     log_tau: float | None = None
@@ -269,17 +279,11 @@ class LabConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
-        parts = {}
-        for key, kind in (("toy", ToyOptions), ("transformer", TransformerOptions)):
-            sub = data.pop(key, {})
-            if not isinstance(sub, dict):
-                raise ValueError(f"config key {key!r} must be an object, got {sub!r}")
-            names = {f.name for f in dataclasses.fields(kind)}
-            bad = sorted(set(sub) - names)
-            if bad:
-                raise ValueError(f"unknown config keys {[f'{key}.{b}' for b in bad]}")
-            parts[key] = kind(**sub)
-        return cls(toy=parts["toy"], transformer=parts["transformer"], **data)
+        toy = ToyOptions(**_options(data.pop("toy", {}), "toy", ToyOptions))
+        tr = TransformerOptions(
+            **_options(data.pop("transformer", {}), "transformer", TransformerOptions)
+        )
+        return cls(toy=toy, transformer=tr, **data)
 
     @classmethod
     def load(cls, path: str | Path) -> LabConfig:

@@ -4,9 +4,9 @@ The paper reports that "smaller gated models can exhibit stronger chosen-respons
 than larger ungated models" (Δ Chosen of DPO against Gate-DPO across Pythia-410M to 7B models).
 This trains the lab's transformer (:mod:`gategrad.lab.transformer`, the same language, SFT,
 pairs and checkpoints) at several sizes, ``LAYERS x WIDTH`` with ``d_ff = 2 * WIDTH`` and two
-heads, with every method of the config (by default DPO ungated and with the paper's ``seq``
-gate) and reports, per size and method, Δ Chosen (and Δ Rejected, Margin, Δ Others) as mean ±
-std over seeds, against the parameter count.
+heads, with every method of the config (by default DPO ungated, with the paper's ``seq`` gate
+and with ``g = 0``) and reports, per size and method, Δ Chosen (and Δ Rejected, Margin,
+Δ Others) as mean ± std over seeds, against the parameter count.
 
 Outputs in ``out_dir``: ``scale.txt`` (the table, Markdown), ``scale.json`` (every row and the
 per-seed values) and ``scale.png`` (Δ Chosen against the parameter count, log axis, error bars
@@ -26,10 +26,19 @@ import numpy as np
 from .config import LabConfig
 from .report import summarize
 
-__all__ = ["DEFAULT_SIZES", "format_scale", "param_count", "plot_scale", "run_scale"]
+__all__ = [
+    "DEFAULT_GATES",
+    "DEFAULT_SIZES",
+    "format_scale",
+    "param_count",
+    "plot_scale",
+    "run_scale",
+]
 
 #: ``(layers, width)`` of the default sizes.
-DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((1, 16), (2, 32), (4, 64))
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((1, 16), (2, 32), (4, 64), (4, 128))
+#: The default methods' gate kinds (on DPO): ungated, the paper's gate and the g=0 baseline.
+DEFAULT_GATES: tuple[str, ...] = ("none", "seq", "zero")
 
 
 def sized(cfg: LabConfig, layers: int, width: int) -> LabConfig:
@@ -78,7 +87,7 @@ def plot_scale(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
         e = np.array([r["std"]["d_chosen"] for r in mine])
         color = _GATE_COLORS.get(_gate_kind(mine[0]["method"]), f"C{i}")
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, lw=1.6, color=color, label=name)
-        for r, xi, yi in zip(mine, x, y):
+        for r, xi, yi in zip(mine, x, y, strict=True):
             ax.annotate(r["size"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xscale("log")
@@ -121,9 +130,7 @@ def run_scale(
     for layers, width in sizes:
         c = sized(cfg, layers, width).resolved()
         methods = c.methods()
-        records, took = timed_records(
-            c, methods, progress, f"scale {layers}x{width}/{c.backend}"
-        )
+        records, took = timed_records(c, methods, progress, f"scale {layers}x{width}/{c.backend}")
         seconds += took
         n = param_count(c)
         for row in summarize(records, methods):
@@ -141,8 +148,23 @@ def run_scale(
     result: dict[str, Any] = {
         "config": cfg.to_dict(),
         "sizes": [list(s) for s in sizes],
-        "rows": [{k: r[k] for k in ("size", "params", "method", "name", "seeds", "values",
-                                    "mean", "std", "seconds")} for r in rows],  # fmt: skip
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "size",
+                    "params",
+                    "method",
+                    "name",
+                    "seeds",
+                    "values",
+                    "mean",
+                    "std",
+                    "seconds",
+                )
+            }
+            for r in rows
+        ],  # fmt: skip
         "seconds": seconds,
     }
     if out is not None:
