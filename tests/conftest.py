@@ -63,3 +63,15 @@ def pytest_report_header() -> list[str]:
         f"hypothesis profile: {os.environ.get('HYPOTHESIS_PROFILE', 'dev')} "
         f"(max_examples={current.default.max_examples}); strict skips: {STRICT_SKIPS}"
     ]
+
+
+#: Per-test timeout of tests marked ``slow`` (the default, ``timeout`` in pyproject.toml, is
+#: 300 s): docs builds, wheel builds and TRL trainers run subprocesses with 600 s limits of their
+#: own. An explicit ``@pytest.mark.timeout`` wins.
+SLOW_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
