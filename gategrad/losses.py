@@ -245,21 +245,26 @@ def preference_loss(
 
     Args:
         loss_type: one of [`LOSS_TYPES`][] (formulas in the module docstring).
-        policy_chosen_logps, policy_rejected_logps: the policy's log-probs, ``(B,)`` summed per
-            sequence or ``(B, T)`` per token (summed here over ``chosen_mask`` /
-            ``rejected_mask``).
-        ref_chosen_logps, ref_rejected_logps: the reference model's log-probs, same layouts
-            (per-token ones share their side's mask). Required except for ``simpo``, which
-            uses no reference and rejects them.
+        policy_chosen_logps: the policy's log-probs of the chosen responses, ``(B,)`` summed
+            per sequence or ``(B, T)`` per token (summed here over ``chosen_mask``).
+        policy_rejected_logps: the same for the rejected responses (summed over
+            ``rejected_mask``); the gate acts on this input only.
+        ref_chosen_logps: the reference model's log-probs of the chosen responses, in the
+            layout of ``policy_chosen_logps`` (per-token ones share ``chosen_mask``). Required
+            except for ``simpo``, which uses no reference and rejects it.
+        ref_rejected_logps: the same for the rejected responses (``rejected_mask``).
         beta: the loss' temperature (> 0). A Python number, or an array (then unchecked).
         gate: ``None`` (the plain loss) or a [`gategrad.Gate`][] applied to
             ``policy_rejected_logps`` only. ``(B,)`` inputs support only
             ``estimator='seq'`` with ``granularity='example'`` (and need token counts);
             other gates need per-token log-probs. Do not also pass the same gate to
             [`gategrad.token_logps`][]: that would gate twice.
-        chosen_mask, rejected_mask: ``(B, T)`` masks of per-token inputs (nonzero = counts).
-        chosen_lengths, rejected_lengths: token counts ``(B,)`` (or one int) of per-sequence
-            inputs, where the loss, the SFT term or the gate needs them.
+        chosen_mask: ``(B, T)`` mask of per-token chosen inputs (nonzero = counts);
+            ``None``: every position counts.
+        rejected_mask: the same for the rejected inputs.
+        chosen_lengths: token counts ``(B,)`` (or one int) of per-sequence chosen inputs,
+            where the loss, the SFT term or the gate needs them.
+        rejected_lengths: the same for the rejected inputs.
         sft_weight: weight of the RPO-style term ``mean(-pi_w / |y_w|)`` (0 disables it).
         **loss_params: the loss type's own parameters ([`LOSS_PARAMS`][]; the typed
             functions such as [`dpo_loss`][] name them): ``label_smoothing``
