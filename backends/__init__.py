@@ -1,13 +1,13 @@
 """Framework adapters, installed as ``gategrad.backends``; the registry of frameworks.
 
 One module per framework: ``numpy`` (the reference), ``torch``, ``jax`` and ``mlx``. Each defines
-``backend``, an instance of :class:`gategrad._backend.Backend` that holds what differs between
+``backend``, an instance of [`gategrad.Backend`][] that holds what differs between
 frameworks: the custom-gradient primitive, array operations where the framework departs from
 NumPy's names, its token-log-prob kernel and the tooling the test kit, the lab and the
-benchmarks use. Importing this package imports no framework; :func:`gategrad.get_backend`
+benchmarks use. Importing this package imports no framework; [`gategrad.get_backend`][]
 imports a backend module on first use.
 
-Adding a framework: one module here and one line in :data:`REGISTRY` (with its 3-line loader).
+Adding a framework: one module here and one line in ``REGISTRY`` (with its 3-line loader).
 """
 
 from __future__ import annotations

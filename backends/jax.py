@@ -3,8 +3,8 @@
 Works under ``jit``, ``vmap``, ``grad`` and sharding. The weight is an ordinary (traceable)
 argument, never a ``nondiff_argnums`` entry, and is ``stop_gradient``-ed. Forward mode (``jvp``,
 ``jacfwd``) is impossible through a ``custom_vjp``. Importing this module registers
-:class:`gategrad.Gate` as a pytree, so gate parameters can be traced arrays under ``jit``; the
-core registers it by importing this module once JAX is loaded (:func:`gategrad.get_backend`).
+[`gategrad.Gate`][] as a pytree, so gate parameters can be traced arrays under ``jit``; the
+core registers it by importing this module once JAX is loaded ([`gategrad.get_backend`][]).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _is_tracer(x: Any) -> bool:
 
 
 class JaxBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``jax.Array`` (tracers included): a
+    """[`gategrad.Backend`][] for ``jax.Array`` (tracers included): a
     ``custom_vjp`` for ``scale_grad``, ``jax.jit`` to compile."""
 
     name = "jax"

@@ -80,7 +80,7 @@ class _AdamW:
 
 
 class MlxBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``mlx.core.array`` (CPU and Metal): an
+    """[`gategrad.Backend`][] for ``mlx.core.array`` (CPU and Metal): an
     ``mx.custom_function`` for ``scale_grad``, ``mx.compile``; float64 on the CPU only."""
 
     name = "mlx"
@@ -186,7 +186,7 @@ class MlxBackend(Backend):
     def value_and_grad_fn(
         self, fn: Callable[[dict[str, Array]], Array]
     ) -> Callable[[dict[str, Array]], tuple[Array, dict[str, Array]]]:
-        """``mx.value_and_grad(fn)``: one forward (:meth:`vjp` recomputes it)."""
+        """``mx.value_and_grad(fn)``: one forward ([`vjp`][] recomputes it)."""
         return mx.value_and_grad(fn)
 
     def adamw(self, params: dict[str, Array], lr: float, weight_decay: float = 0.01) -> _AdamW:

@@ -1,8 +1,8 @@
 """NumPy reference backend: the identity forward, no autograd.
 
 NumPy has no autograd, so ``scale_grad`` is the identity; the backward rule it stands for is
-stated by :func:`gategrad.gate_rejected_vjp` (the tests' oracle). Overrides only what
-differs from :class:`gategrad._backend.Backend`: warnings silenced where ``-inf`` and
+stated by [`gategrad.gate_rejected_vjp`][] (the tests' oracle). Overrides only what
+differs from [`gategrad.Backend`][]: warnings silenced where ``-inf`` and
 underflow are expected values, and the functions NumPy lacks (``sigmoid``, ``logsumexp``).
 """
 
@@ -17,8 +17,8 @@ from gategrad._backend import Array, Backend, DTypeName
 
 
 class NumpyBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``numpy.ndarray``: the reference, without
-    autograd (``scale_grad`` is the identity; :func:`gategrad.gate_rejected_vjp` states its
+    """[`gategrad.Backend`][] for ``numpy.ndarray``: the reference, without
+    autograd (``scale_grad`` is the identity; [`gategrad.gate_rejected_vjp`][] states its
     backward), with NumPy's warnings silenced where ``-inf`` and underflow are expected."""
 
     name = "numpy"

@@ -164,7 +164,7 @@ _DTYPES = {
 
 
 class TorchBackend(Backend):
-    """:class:`gategrad._backend.Backend` for ``torch.Tensor`` on any device: autograd
+    """[`gategrad.Backend`][] for ``torch.Tensor`` on any device: autograd
     Functions for ``scale_grad`` and ``token_logps``, ``torch.compile(fullgraph=True)``,
     ``torch.func`` for ``vmap``."""
 

@@ -1,4 +1,4 @@
-"""Attach the gate to an existing loss function in one call: :func:`attach`."""
+"""Attach the gate to an existing loss function in one call: [`attach`][]."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _MARK = "__gategrad_attach__"
 
 
 def _attached_gate(fn: Any) -> Gate | None:
-    """The gate of an :func:`attach` wrapper anywhere down ``fn``'s wrapper chain, else None.
+    """The gate of an [`attach`][] wrapper anywhere down ``fn``'s wrapper chain, else None.
 
     Follows ``__wrapped__`` (``functools.wraps`` decorators), ``__func__`` (bound methods) and
     ``func`` (``functools.partial``).
@@ -87,14 +87,14 @@ def attach(
 
     ``attach(dpo_loss, gate)`` returns a function with ``loss_fn``'s signature and docstring
     (``functools.wraps``; ``inspect.signature`` shows the original) that, on every call, passes
-    the argument named ``rejected`` through :func:`gategrad.gate_rejected` and then calls
+    the argument named ``rejected`` through [`gategrad.gate_rejected`][] and then calls
     ``loss_fn``. The loss value and every other gradient are unchanged.
 
     Args:
         loss_fn: a plain function, a bound method (``obj.loss``), or a function taken from a
             class (``Cls.loss``, then assign it back). The named arguments may be passed by
             keyword or by position.
-        gate: a :class:`gategrad.Gate`.
+        gate: a [`gategrad.Gate`][].
         rejected: name of the argument holding the policy's rejected log-probs, ``(B,)`` summed
             per sequence or ``(B, T)`` per token.
         mask: name of the argument holding the rejected ``(B, T)`` mask of per-token inputs.

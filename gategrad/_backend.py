@@ -1,13 +1,13 @@
 """The backend base class (in the manner of einops' ``_backends``): one object per framework.
 
 A backend is one object per framework, defined in ``gategrad.backends.<name>`` (the only module
-that names that framework's API). :class:`Backend` gives NumPy-like defaults written against
+that names that framework's API). [`Backend`][] gives NumPy-like defaults written against
 ``self.xp``, the framework's own array namespace (``numpy``, ``torch``, ``jax.numpy``,
 ``mlx.core``); a backend overrides only what differs, and implements the abstract methods that
 must differ (the custom-gradient primitive, conversion, autograd tooling). mypy refuses to
 instantiate a backend that leaves an abstract method out.
 
-Dispatch (which backend an array belongs to) lives in :mod:`gategrad._dispatch`. Adding a
+Dispatch (which backend an array belongs to) lives in ``gategrad._dispatch``. Adding a
 framework: one file in ``backends/`` and one line in ``gategrad.backends.REGISTRY``.
 """
 
@@ -34,7 +34,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class GradJob:
-    """One :meth:`Backend.value_and_grad` (or vmapped) request, as the backends' hooks get it."""
+    """One [`Backend.value_and_grad`][] (or vmapped) request, as the backends' hooks get it."""
 
     fn: Callable[..., Any]
     args: list[Any]
@@ -48,7 +48,7 @@ Params = dict[str, Any]  # named arrays: model parameters, their gradients
 
 class Optimizer(Protocol):
     """A framework's optimizer as a pure update, whatever its own API: ``state`` in, ``state``
-    out, so that a compiled step can take the state as an argument (see :meth:`Backend.adamw`).
+    out, so that a compiled step can take the state as an argument (see [`Backend.adamw`][]).
     """
 
     def init(self, params: Params) -> Any:
@@ -67,7 +67,7 @@ class Optimizer(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class PeakMemory:
-    """One call's peak memory from a framework's own counter (:meth:`Backend.peak_memory`)."""
+    """One call's peak memory from a framework's own counter ([`Backend.peak_memory`][])."""
 
     #: what measured it, e.g. ``'torch.profiler'``, ``'XLA memory_analysis'``
     counter: str
@@ -79,7 +79,7 @@ class PeakMemory:
 
 @dataclasses.dataclass(frozen=True)
 class CompileJob:
-    """One :meth:`Backend.compile` request, as the backends' ``_compile`` hook gets it."""
+    """One [`Backend.compile`][] request, as the backends' ``_compile`` hook gets it."""
 
     donate: tuple[int, ...] = ()
     compiler: str | None = None
@@ -90,7 +90,7 @@ class CompileJob:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryJob:
-    """One :meth:`Backend.peak_memory` request, as the backends' ``_peak_memory`` hook gets
+    """One [`Backend.peak_memory`][] request, as the backends' ``_peak_memory`` hook gets
     it."""
 
     run: Callable[[], None]
@@ -195,7 +195,7 @@ class Backend(abc.ABC):
         return self.xp.max(x, axis=axis)
 
     def any(self, x: Array) -> bool:
-        """Python bool of ``x.any()``; only called when :meth:`is_concrete` is true."""
+        """Python bool of ``x.any()``; only called when [`is_concrete`][] is true."""
         return bool(self.xp.any(x))
 
     # --- structure -------------------------------------------------------------------------
@@ -418,7 +418,7 @@ class Backend(abc.ABC):
         mode: str = "eager",
     ) -> tuple[Any, tuple[Array, ...]]:
         """``(fn(*args), (d fn / d args[i] for i in argnums))`` for a scalar-valued ``fn``;
-        ``mode='compiled'`` runs it under :meth:`compile`."""
+        ``mode='compiled'`` runs it under [`compile`][]."""
         check_mode(mode)
         return self._value_and_grad(GradJob(fn, list(args), tuple(argnums), (), mode))
 
@@ -430,7 +430,7 @@ class Backend(abc.ABC):
         batched: Sequence[int] = (),
         mode: str = "eager",
     ) -> tuple[Any, tuple[Array, ...]]:
-        """Per-slice :meth:`value_and_grad` under the framework's ``vmap``: ``args[i]`` for ``i``
+        """Per-slice [`value_and_grad`][] under the framework's ``vmap``: ``args[i]`` for ``i``
         in ``batched`` carry a leading axis ``K`` mapped over; values ``(K,)`` and gradients
         stacked along ``K``."""
         check_mode(mode)
@@ -455,10 +455,10 @@ class Backend(abc.ABC):
         self, fn: Callable[[Params], Array]
     ) -> Callable[[Params], tuple[Array, Params]]:
         """``params -> (fn(params), d fn / d params)`` for a scalar-valued ``fn`` of a dict of
-        arrays: traceable, so usable inside :meth:`compile` (unlike :meth:`value_and_grad`,
+        arrays: traceable, so usable inside [`compile`][] (unlike [`value_and_grad`][],
         which copies its inputs and evaluates; torch's dynamo breaks the graph at
         ``torch.autograd.grad``, so compile it with ``fullgraph=False`` there). Default: from
-        :meth:`vjp`."""
+        [`vjp`][]."""
 
         def run(params: Params) -> tuple[Array, Params]:
             value, pullback = self.vjp(fn, params)
@@ -489,7 +489,7 @@ class Backend(abc.ABC):
 
     def device_like(self, device: str) -> Array | None:
         """An empty array on ``device`` (``'cpu'``, ``'cuda:0'``...), to pass as
-        :meth:`from_numpy`'s ``like``; ``None`` where the framework takes no device string (its
+        [`from_numpy`][]'s ``like``; ``None`` where the framework takes no device string (its
         arrays go to its default device). Raises ``RuntimeError`` for a device it cannot see."""
         return None
 
@@ -512,7 +512,7 @@ class Backend(abc.ABC):
             run: the call to measure.
             compiled: the compiled function ``run`` calls, for frameworks whose counter reads
                 the compiled program (XLA's ``memory_analysis``) instead of running it.
-            device: the device of ``run``'s arrays (see :meth:`device_like`).
+            device: the device of ``run``'s arrays (see [`device_like`][]).
             tries: measure this many calls and keep the least (the first may count allocator
                 warm-up), where the counter runs ``run``.
         """

@@ -1,4 +1,4 @@
-"""The public gate calls: :func:`gate_rejected`, :func:`gate_weights` and :func:`scale_grad`.
+"""The public gate calls: [`gate_rejected`][], [`gate_weights`][] and [`scale_grad`][].
 
 Semantics (first order only):
 
@@ -183,9 +183,9 @@ def gate_rejected_vjp(
     *,
     lengths: Array | int | None = None,
 ) -> Array:
-    """The backward rule of :func:`gate_rejected`, stated explicitly: ``g * cotangent``.
+    """The backward rule of [`gate_rejected`][], stated explicitly: ``g * cotangent``.
 
-    Shapes as in :func:`gate_rejected`; ``cotangent`` has the shape of ``rejected_logps``. The
+    Shapes as in [`gate_rejected`][]; ``cotangent`` has the shape of ``rejected_logps``. The
     product is formed in ``promote_types(dtype, float32)`` and cast back once, as every
     backend's primitive does. For frameworks without autograd (NumPy) this is the reference
     the tests compare against.

@@ -119,13 +119,13 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_for(**arrays: Any) -> Backend:
-    """The backend of the framework that the named arrays share (see :func:`common_framework`)."""
+    """The backend of the framework that the named arrays share (see [`common_framework`][])."""
     return get_backend(common_framework(**arrays))
 
 
 def load_imported() -> None:
     """Load the backend of every framework that is already imported (so that, for example,
-    :class:`gategrad.Gate` is a JAX pytree as soon as JAX is loaded). Never imports a
+    [`gategrad.Gate`][] is a JAX pytree as soon as JAX is loaded). Never imports a
     framework."""
     for name, (module, _, _, _) in _FRAMEWORKS.items():
         if name not in _backends and module in sys.modules:

@@ -1,4 +1,4 @@
-"""The :class:`Gate` value object: shape, parameters, floor, estimator and granularity.
+"""The [`Gate`][] value object: shape, parameters, floor, estimator and granularity.
 
 A gate maps the probability ``p`` of the rejected response (or of one rejected token) to a
 weight ``g(p)`` in ``[0, 1]`` that multiplies the gradient flowing into the rejected log-probs.
@@ -88,7 +88,7 @@ class Gate:
     ``mean`` (arithmetic mean of token probabilities). With ``granularity='token'`` every
     rejected token is gated by its own probability and the estimator is not used.
 
-    Parameters left as ``None`` take the shape's default from :data:`SHAPE_DEFAULTS`.
+    Parameters left as ``None`` take the shape's default from [`SHAPE_DEFAULTS`][].
     Invalid values raise ``ValueError`` naming the parameter and its allowed range.
     """
 

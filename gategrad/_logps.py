@@ -1,5 +1,5 @@
 """Per-token log-probs from logits: the checks and the plan, written once; each backend's
-:meth:`~gategrad._backend.Backend.token_logps` kernel does the arithmetic."""
+[`token_logps`][gategrad._backend.Backend.token_logps] kernel does the arithmetic."""
 
 from __future__ import annotations
 
@@ -51,27 +51,27 @@ def token_logps(
             ``(B, T - 1)``. ``False``: the inputs are already aligned, ``logits[:, t]`` predicts
             ``labels[:, t]``, and the outputs have shape ``(B, T)``.
         ignore_index: the label value that marks positions to ignore (TRL/HF use -100).
-        gate: optional :class:`gategrad.Gate` with ``granularity='token'``: the result is passed
-            through :func:`gategrad.gate_rejected` with the returned mask, so each rejected
+        gate: optional [`gategrad.Gate`][] with ``granularity='token'``: the result is passed
+            through [`gategrad.gate_rejected`][] with the returned mask, so each rejected
             token's gradient is scaled by its own gate. Pass it only when ``logits``/``labels``
             hold the *rejected* responses, and do not pass the gate to the loss as well. An
-            ``'example'``-granularity gate is the loss' job (:func:`gategrad.preference_loss`
-            or :func:`gategrad.gate_rejected` on the rejected rows): it raises ``ValueError``.
+            ``'example'``-granularity gate is the loss' job ([`gategrad.preference_loss`][]
+            or [`gategrad.gate_rejected`][] on the rejected rows): it raises ``ValueError``.
         chunk_size: rows of the batch per chunk. ``None``: automatic, chunks of at most
-            :data:`CHUNK_ELEMENTS` logits (over rows, and over time when one row is larger).
+            ``CHUNK_ELEMENTS`` logits (over rows, and over time when one row is larger).
 
     Returns:
         ``(logps, mask)``: the per-token log-probs in ``promote_types(logits.dtype, float32)``,
         ``0`` at positions that do not count, and the boolean mask actually used
         (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
         ``shift=True``. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
-        both to :func:`gategrad.preference_loss` (``*_logps`` and ``*_mask``).
+        both to [`gategrad.preference_loss`][] (``*_logps`` and ``*_mask``).
 
     Memory and speed: no second ``(B, T, V)`` buffer besides the logits (and, under autograd,
     their gradient), and nothing of that size held between forward and backward (low
     precision: the float32 cast is recomputed in the backward). Per framework:
 
-    - torch: chunks of at most :data:`CHUNK_ELEMENTS` logits (``split``), each a fused
+    - torch: chunks of at most ``CHUNK_ELEMENTS`` logits (``split``), each a fused
       ``log_softmax`` + gather with a one-pass backward; the peak holds one chunk's
       log-softmax;
     - JAX under ``jit``/``grad`` and MLX (automatic ``chunk_size``): one ``logsumexp`` and one

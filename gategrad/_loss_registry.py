@@ -1,9 +1,9 @@
 """The loss registry: every loss type of the DPO family declared once.
 
-A :class:`LossSpec` holds everything that differs between loss types: its parameters (with
+A [`LossSpec`][] holds everything that differs between loss types: its parameters (with
 defaults and validators), whether it uses the reference model, whether it needs token counts,
-the per-example formula and the implicit rewards. :func:`gategrad.preference_loss`, the typed
-functions of :mod:`gategrad.losses`, the closed-form gradients of the test kit and the docs all
+the per-example formula and the implicit rewards. [`gategrad.preference_loss`][], the typed
+functions of [`gategrad.losses`][], the closed-form gradients of the test kit and the docs all
 read this table; nothing else lists loss types.
 
 Notation: ``pi_w``, ``pi_l`` the policy's summed log-probs of the chosen and rejected responses,
@@ -228,10 +228,12 @@ _SPECS: tuple[LossSpec, ...] = (
 
 #: loss type -> its :class:`LossSpec` (TRL's names where TRL has the loss).
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}
-#: The loss types :func:`gategrad.preference_loss` accepts.
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
-#: Extra parameters each loss type takes, with their defaults.
+"""The loss types [`gategrad.preference_loss`][] accepts, in the order of the table in
+[`gategrad.losses`][]."""
 LOSS_PARAMS: dict[str, dict[str, Any]] = {name: spec.defaults for name, spec in LOSSES.items()}
+"""The extra parameters each loss type takes, with their defaults, e.g.
+``LOSS_PARAMS["simpo"] == {"gamma": 0.5}``."""
 
 
 def resolve(loss_type: Any, params: dict[str, Any]) -> tuple[LossSpec, dict[str, Any]]:

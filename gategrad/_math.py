@@ -1,4 +1,4 @@
-"""The gate math, written once against :class:`gategrad._backend.Backend`.
+"""The gate math, written once against [`gategrad.Backend`][].
 
 Everything here runs on stop-gradient values in ``promote_types(dtype, float32)``.
 """

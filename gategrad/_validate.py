@@ -1,11 +1,11 @@
-"""Input validation shared by the gate, the losses, :func:`gategrad.token_logps` and the metrics.
+"""Input validation shared by the gate, the losses, [`gategrad.token_logps`][] and the metrics.
 
 Two kinds of check:
 
 - **static** (shapes, dtypes, parameters, mixed frameworks): always, also under tracing;
 - **value** (NaN, infinities, empty rows, zero lengths): only when the values may be inspected
-  now, i.e. value checks are enabled (:func:`value_checks`) *and* the backend says the array
-  is concrete (:meth:`gategrad._backend.Backend.is_concrete`, one rule per backend). Under
+  now, i.e. value checks are enabled ([`value_checks`][]) *and* the backend says the array
+  is concrete (``Backend.is_concrete``, one rule per backend). Under
   ``jax.jit``, ``torch.compile``, ``mx.compile`` or ``vmap`` they do not run.
 
 Every check raises ``ValueError`` or ``TypeError`` naming the argument, the problem and the fix.

@@ -1,7 +1,7 @@
-"""The DPO loss family, written once against :class:`gategrad._backend.Backend`.
+"""The DPO loss family, written once against [`gategrad.Backend`][].
 
 Every loss here runs on NumPy, PyTorch, JAX and MLX arrays alike. Each loss type is declared
-once, in the registry :data:`gategrad._loss_registry.LOSSES` (parameters, formula, rewards).
+once, in the registry ``gategrad._loss_registry.LOSSES`` (parameters, formula, rewards).
 Notation: ``pi_w = log pi(y_w | x)`` and ``pi_l = log pi(y_l | x)`` are the policy's summed
 log-probs of the chosen and rejected responses, ``ref_w``/``ref_l`` the reference
 model's, ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``n_w``, ``n_l`` the responses' token
@@ -23,7 +23,7 @@ The loss is the batch mean, plus ``sft_weight * mean(-pi_w / |y_w|)`` when ``sft
 (the RPO-style NLL term). See ``docs/losses.md`` for the sources.
 
 **The gate.** ``gate=Gate(...)`` passes only ``policy_rejected_logps`` through
-:func:`gategrad.gate_rejected`: the loss value and every other gradient are bitwise those of
+[`gategrad.gate_rejected`][]: the loss value and every other gradient are bitwise those of
 ``gate=None``; the gradient reaching the rejected log-probs is multiplied by ``g`` per example
 (or per token, with ``granularity='token'`` and per-token inputs).
 
@@ -39,7 +39,7 @@ sizes) raise ``ValueError`` always, also under tracing. Value problems (NaN or +
 inside the mask, zero-length responses) raise ``ValueError`` in eager mode only; under
 ``jax.jit``, ``torch.compile``, ``mx.compile`` or ``vmap`` they are not inspected (that would
 need a device sync or is impossible) and propagate as NaN or inf into the loss. See
-:func:`gategrad.value_checks`.
+[`gategrad.value_checks`][].
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ LossResult = tuple[Array, dict[str, Array]]
 
 
 class LossOptions(TypedDict, total=False):
-    """The keyword arguments every loss of the family shares (see :func:`preference_loss`)."""
+    """The keyword arguments every loss of the family shares (see [`preference_loss`][])."""
 
     beta: float
     gate: Gate | None
@@ -244,28 +244,33 @@ def preference_loss(
     """A preference loss of the DPO family, with an optional gradient gate.
 
     Args:
-        loss_type: one of :data:`LOSS_TYPES` (formulas in the module docstring).
-        policy_chosen_logps, policy_rejected_logps: the policy's log-probs, ``(B,)`` summed per
-            sequence or ``(B, T)`` per token (summed here over ``chosen_mask`` /
-            ``rejected_mask``).
-        ref_chosen_logps, ref_rejected_logps: the reference model's log-probs, same layouts
-            (per-token ones share their side's mask). Required except for ``simpo``, which
-            uses no reference and rejects them.
+        loss_type: one of [`LOSS_TYPES`][] (formulas in the module docstring).
+        policy_chosen_logps: the policy's log-probs of the chosen responses, ``(B,)`` summed
+            per sequence or ``(B, T)`` per token (summed here over ``chosen_mask``).
+        policy_rejected_logps: the same for the rejected responses (summed over
+            ``rejected_mask``); the gate acts on this input only.
+        ref_chosen_logps: the reference model's log-probs of the chosen responses, in the
+            layout of ``policy_chosen_logps`` (per-token ones share ``chosen_mask``). Required
+            except for ``simpo``, which uses no reference and rejects it.
+        ref_rejected_logps: the same for the rejected responses (``rejected_mask``).
         beta: the loss' temperature (> 0). A Python number, or an array (then unchecked).
-        gate: ``None`` (the plain loss) or a :class:`gategrad.Gate` applied to
+        gate: ``None`` (the plain loss) or a [`gategrad.Gate`][] applied to
             ``policy_rejected_logps`` only. ``(B,)`` inputs support only
             ``estimator='seq'`` with ``granularity='example'`` (and need token counts);
             other gates need per-token log-probs. Do not also pass the same gate to
-            :func:`gategrad.token_logps`: that would gate twice.
-        chosen_mask, rejected_mask: ``(B, T)`` masks of per-token inputs (nonzero = counts).
-        chosen_lengths, rejected_lengths: token counts ``(B,)`` (or one int) of per-sequence
-            inputs, where the loss, the SFT term or the gate needs them.
+            [`gategrad.token_logps`][]: that would gate twice.
+        chosen_mask: ``(B, T)`` mask of per-token chosen inputs (nonzero = counts);
+            ``None``: every position counts.
+        rejected_mask: the same for the rejected inputs.
+        chosen_lengths: token counts ``(B,)`` (or one int) of per-sequence chosen inputs,
+            where the loss, the SFT term or the gate needs them.
+        rejected_lengths: the same for the rejected inputs.
         sft_weight: weight of the RPO-style term ``mean(-pi_w / |y_w|)`` (0 disables it).
-        **loss_params: the loss type's own parameters (:data:`LOSS_PARAMS`; the typed
-            functions such as :func:`dpo_loss` name them): ``label_smoothing``
+        **loss_params: the loss type's own parameters ([`LOSS_PARAMS`][]; the typed
+            functions such as [`dpo_loss`][] name them): ``label_smoothing``
             (``sigmoid``: conservative DPO, in [0, 1); ``robust``: in [0, 0.5)),
             ``length_normalize`` (``ipo``, default ``True`` as TRL), ``lam`` (``dpo_shift``,
-            default 0.95; see :func:`dpo_shift_lambda`), ``gamma`` (``simpo``, default 0.5),
+            default 0.95; see [`dpo_shift_lambda`][]), ``gamma`` (``simpo``, default 0.5),
             ``dpop_lambda`` (``dpop``, default 50).
 
     Returns:
@@ -417,22 +422,22 @@ def stacked_preference_loss(
     lengths: Array | int | None = None,
     **options: Any,
 ) -> LossResult:
-    """:func:`preference_loss` on a stacked ``[chosen; rejected]`` batch.
+    """[`preference_loss`][] on a stacked ``[chosen; rejected]`` batch.
 
     The layout of a concatenated forward pass (TRL's, mlx-lm's): rows ``:B`` hold the chosen
     responses and rows ``B:`` the rejected ones of the same prompts.
 
     Args:
-        loss_type: one of :data:`LOSS_TYPES`.
+        loss_type: one of [`LOSS_TYPES`][].
         policy_logps: ``(2B, T)`` per-token or ``(2B,)`` per-sequence log-probs.
         ref_logps: the reference model's, same layout (``None`` for ``simpo``).
         mask: ``(2B, T)`` mask of per-token inputs.
         lengths: ``(2B,)`` token counts (or one int) of per-sequence inputs.
-        **options: every other keyword of :func:`preference_loss` (``beta``, ``gate``, the loss
+        **options: every other keyword of [`preference_loss`][] (``beta``, ``gate``, the loss
             type's own parameters...).
 
     Returns:
-        ``(loss, metrics)`` as :func:`preference_loss`.
+        ``(loss, metrics)`` as [`preference_loss`][].
     """
     rows = int(policy_logps.shape[0]) if getattr(policy_logps, "ndim", 0) >= 1 else -1
     if rows < 0 or rows % 2:
@@ -479,7 +484,7 @@ def _named(loss_type: str) -> Callable[[Callable[_P, None]], NamedLoss[_P]]:
     """Turn a stub that declares a loss type's own keyword parameters into the public loss.
 
     The result takes the four log-prob arrays (positionally or by name) and every keyword of
-    :func:`preference_loss`; its signature (``inspect.signature``, IDEs) lists them all, and the
+    [`preference_loss`][]; its signature (``inspect.signature``, IDEs) lists them all, and the
     stub's defaults must equal the registry's (checked here, at import).
     """
     spec = LOSSES[loss_type]
@@ -613,7 +618,7 @@ def dpo_shift_lambda(
     - ``fixed``: ``lam_min`` at every step (the paper's fixed runs set one value).
 
     ``step`` is clipped to ``[0, total_steps]``. Pass the result as ``lam=`` to
-    :func:`dpo_shift_loss`.
+    [`dpo_shift_loss`][].
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")

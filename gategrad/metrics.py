@@ -4,18 +4,18 @@ The squeezing effect (Ren & Sutherland, "Learning Dynamics of LLM Finetuning", I
 up in where the model puts its probability mass. For each response, under teacher forcing
 (position ``t`` sees the true prefix ``y_<t``), with ``p_t = softmax(logits_t)``:
 
-==================  ===========================================================================
-``logp``            ``sum_t log p_t(y_t)``: the response's log-probability
-``argmax_logp``     ``sum_t max_v log p_t(v)``: log-prob of the per-position argmax response
-``except_argmax``   ``sum_t log(1 - max_v p_t(v))``: log-mass left for everything but the argmax
-``top1``            ``mean_t max_v p_t(v)``: mean top-1 mass
-``entropy``         ``mean_t H(p_t)`` in nats: mean per-position entropy
-==================  ===========================================================================
+| metric | definition |
+|---|---|
+| ``logp`` | ``sum_t log p_t(y_t)``: the response's log-probability |
+| ``argmax_logp`` | ``sum_t max_v log p_t(v)``: log-prob of the per-position argmax response |
+| ``except_argmax`` | ``sum_t log(1 - max_v p_t(v))``: log-mass left for everything but the argmax |
+| ``top1`` | ``mean_t max_v p_t(v)``: mean top-1 mass |
+| ``entropy`` | ``mean_t H(p_t)`` in nats: mean per-position entropy |
 
 Squeezing: ``argmax_logp`` and ``top1`` rise while ``entropy``, ``except_argmax`` and the
 log-probs of most other responses fall.
 
-Every function is written once against the backend (:class:`gategrad._backend.Backend`), so it
+Every function is written once against the backend ([`gategrad.Backend`][]), so it
 runs on NumPy, PyTorch, JAX and MLX arrays; results carry no gradient and are computed in
 ``promote_types(dtype, float32)``.
 """

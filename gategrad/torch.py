@@ -1,6 +1,6 @@
 """PyTorch module hooks: gate a causal LM's rejected rows without touching the training loop.
 
-:func:`hook` registers a forward hook (with kwargs) on a model. On every forward pass that runs
+[`hook`][] registers a forward hook (with kwargs) on a model. On every forward pass that runs
 with gradients enabled it gates the rejected rows of the model's output:
 
 - ``output.log_probs`` when the output has them (TRL >= 1.15 patches the policy with a fused LM
@@ -130,7 +130,7 @@ class GateHook:
     """A registered gate hook. ``remove()`` (or leaving the ``with`` block) unregisters it.
 
     Attributes:
-        last_stats: the :class:`~gategrad.GateStats` of the latest gated forward (its rejected
+        last_stats: the [`GateStats`][gategrad.GateStats] of the latest gated forward (its rejected
             rows with at least one response token), or ``None`` (no such row, or no pass yet).
         calls: how many gradient-enabled forward passes the hook gated.
     """
@@ -170,7 +170,7 @@ class GateHook:
     # -- public -----------------------------------------------------------------------------
 
     def remove(self) -> None:
-        """Unregister the hook; the model is exactly as before :func:`hook` (idempotent)."""
+        """Unregister the hook; the model is exactly as before [`hook`][] (idempotent)."""
         self._handle.remove()
 
     def __enter__(self) -> GateHook:
@@ -367,7 +367,7 @@ def hook(
     Args:
         model: the policy (any ``nn.Module`` whose output is a tensor of logits or an object
             with ``log_probs`` or ``logits``, such as a transformers ``ModelOutput``).
-        gate: the :class:`~gategrad.Gate`.
+        gate: the [`Gate`][gategrad.Gate].
         rejected_rows: which rows of the output are rejected responses: ``'second_half'``
             (TRL's ``[chosen; rejected]``), ``'first_half'``, a slice, row indices, a boolean
             ``(N,)`` tensor, or a callable ``n_rows -> one of those``.
@@ -377,10 +377,10 @@ def hook(
         output: ``'log_probs'`` or ``'logits'`` to force which output is gated; by default
             ``log_probs`` when present, else ``logits``.
         ignore_index: the label value outside the response.
-        on_stats: called with the :class:`~gategrad.GateStats` of each gated forward.
+        on_stats: called with the [`GateStats`][gategrad.GateStats] of each gated forward.
 
     Returns:
-        A :class:`GateHook`; ``.remove()`` restores the model exactly. Also a context manager.
+        A [`GateHook`][]; ``.remove()`` restores the model exactly. Also a context manager.
     """
     return GateHook(
         model,

@@ -1,17 +1,17 @@
 """Gated DPO training steps for ``mlx_lm`` models (Apple Silicon, and MLX's CPU build on Linux).
 
-::
+```python
+import mlx.optimizers as optim
+from mlx_lm.models import llama
+from gategrad import Gate
+from gategrad.integrations import mlx_lm as gm
 
-    import mlx.optimizers as optim
-    from mlx_lm.models import llama
-    from gategrad import Gate
-    from gategrad.integrations import mlx_lm as gm
-
-    model = llama.Model(llama.ModelArgs(...))          # or mlx_lm.load(...)[0]
-    ref = llama.Model(...); ref.update(model.parameters()); ref.freeze()
-    batch = gm.make_batch(prompts, chosen, rejected, pad_id=0)   # token-id lists
-    step = gm.make_train_step(model, optim.Adam(1e-3), gate=Gate(), ref_model=ref)
-    loss, metrics = step(batch)                       # compiled with mx.compile
+model = llama.Model(llama.ModelArgs(...))          # or mlx_lm.load(...)[0]
+ref = llama.Model(...); ref.update(model.parameters()); ref.freeze()
+batch = gm.make_batch(prompts, chosen, rejected, pad_id=0)   # token-id lists
+step = gm.make_train_step(model, optim.Adam(1e-3), gate=Gate(), ref_model=ref)
+loss, metrics = step(batch)                       # compiled with mx.compile
+```
 
 Batches hold ``2B`` rows, ``[chosen; rejected]``, right-padded (mlx-lm models apply a causal mask
 only, so right padding never changes the log-probs of real tokens):
@@ -19,8 +19,8 @@ only, so right padding never changes the log-probs of real tokens):
 - ``input_ids`` ``(2B, T)`` int32: prompt + response + padding;
 - ``response_mask`` ``(2B, T)`` bool: the response tokens (the log-probs that count).
 
-The per-token log-probs of the responses come from :func:`gategrad.token_logps`, the loss from
-:func:`gategrad.preference_loss` (any ``loss_type``), which gates the rejected side only.
+The per-token log-probs of the responses come from [`gategrad.token_logps`][], the loss from
+[`gategrad.preference_loss`][] (any ``loss_type``), which gates the rejected side only.
 MLX has no float64 on the GPU (Metal): train in float32 or bfloat16; the gate is computed in
 float32 either way.
 """
@@ -185,7 +185,7 @@ def make_train_step(
 ) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]:
     """A gated DPO training step ``step(batch) -> (loss, metrics)`` that updates ``model``.
 
-    ``nn.value_and_grad`` over :func:`make_loss_fn`, then ``optimizer.update``. With
+    ``nn.value_and_grad`` over [`make_loss_fn`][], then ``optimizer.update``. With
     ``compile=True`` the whole step is ``mx.compile``-d, closing over the model and optimizer
     state (``inputs=outputs=[model.state, optimizer.state]``; ``ref_model.state`` is an input).
     The returned arrays are evaluated (``mx.eval``) before returning.

@@ -1,17 +1,17 @@
-"""Gate an existing TRL ``DPOTrainer`` in one call: :func:`attach`.
+"""Gate an existing TRL ``DPOTrainer`` in one call: [`attach`][].
 
-::
+```python
+from gategrad import Gate
+from gategrad.integrations.trl import attach
 
-    from gategrad import Gate
-    from gategrad.integrations.trl import attach
-
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=config, ...)
-    attach(trainer, Gate())          # the paper's gate
-    trainer.train()                  # logs gate/mean, gate/p_mean, ... with TRL's metrics
+trainer = DPOTrainer(model=policy, ref_model=ref, args=config, ...)
+attach(trainer, Gate())          # the paper's gate
+trainer.train()                  # logs gate/mean, gate/p_mean, ... with TRL's metrics
+```
 
 What it does:
 
-- installs :func:`gategrad.torch.hook` on the policy (``trainer.model``) with
+- installs [`gategrad.torch.hook`][] on the policy (``trainer.model``) with
   ``rejected_rows='second_half'``: TRL lays every batch out as ``[chosen rows; rejected rows]``;
 - TRL >= 1.15 patches the policy with a fused LM head whose output carries ``log_probs``
   ``(2B, T-1)`` (zero where masked) plus a ``label_mask``: the hook gates ``log_probs`` and takes
@@ -69,11 +69,11 @@ def _trl_version() -> Any:
 
 
 class GateAttachment:
-    """What :func:`attach` installed on a trainer. ``remove()`` undoes all of it.
+    """What [`attach`][] installed on a trainer. ``remove()`` undoes all of it.
 
     Attributes:
         trainer: the ``DPOTrainer``.
-        hook: the :class:`gategrad.torch.GateHook` on the policy.
+        hook: the [`gategrad.torch.GateHook`][] on the policy.
         metrics: per mode (``'train'``/``'eval'``), lists of the gate metrics since the last log.
     """
 
@@ -211,7 +211,7 @@ class GateAttachment:
     # -- removal ----------------------------------------------------------------------------
 
     def remove(self) -> None:
-        """Remove the hook and the wrappers; the trainer is as before :func:`attach`."""
+        """Remove the hook and the wrappers; the trainer is as before [`attach`][]."""
         self.hook.remove()
         trainer = self.trainer
         for name, orig in (("compute_loss", self._orig_compute_loss), ("log", self._orig_log)):
@@ -286,11 +286,11 @@ def attach(trainer: Any, gate: Gate | None = None, *, log_metrics: bool = True) 
 
     Args:
         trainer: an existing ``trl.DPOTrainer`` (or subclass).
-        gate: the :class:`~gategrad.Gate`; default ``Gate()`` (the paper's sigmoid gate).
+        gate: the [`Gate`][gategrad.Gate]; default ``Gate()`` (the paper's sigmoid gate).
         log_metrics: add ``gate/*`` metrics to the trainer's logs.
 
     Returns:
-        A :class:`GateAttachment`; ``.remove()`` restores the trainer. Also a context manager.
+        A [`GateAttachment`][]; ``.remove()`` restores the trainer. Also a context manager.
 
     Raises:
         ValueError: for a configuration that cannot be gated correctly (see the module docs).

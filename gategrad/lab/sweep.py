@@ -124,13 +124,14 @@ def plot_sweep(rows: list[dict[str, Any]], methods: list[Method], path: Path, ti
     from .report import _GATE_COLORS, _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     by_key = {r["method"]: r for r in rows}
     for m in methods:
         r = by_key[m.key]["mean"]
         color = _GATE_COLORS.get(m.gate_kind, "#333")
         ax.scatter(r["margin"], r["d_chosen"], color=color, s=30, zorder=3)
-        ax.annotate(m.tag or m.name, (r["margin"], r["d_chosen"]), fontsize=6, alpha=0.8)
+    ax.margins(x=0.25, y=0.1)  # room for the labels at the edges
+    _label_points(fig, ax, [(m.tag or m.name, by_key[m.key]["mean"]) for m in methods])
     for kind, color in _GATE_COLORS.items():
         if any(m.gate_kind == kind for m in methods):
             ax.scatter([], [], color=color, label=kind)
@@ -140,10 +141,38 @@ def plot_sweep(rows: list[dict[str, Any]], methods: list[Method], path: Path, ti
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _label_points(fig: Any, ax: Any, labels: list[tuple[str, dict[str, float]]]) -> None:
+    """Label each point without overlaps: a label that would cover one already placed moves
+    up or down in steps of its height (with a leader line), in display coordinates."""
+    fig.canvas.draw()  # fixes the axes limits, so data -> pixel coordinates are final
+    placed: list[tuple[float, float, float, float]] = []
+    scale = fig.dpi / 72
+    for text, r in sorted(labels, key=lambda t: (-t[1]["d_chosen"], t[1]["margin"])):
+        x, y = ax.transData.transform((r["margin"], r["d_chosen"]))
+        w, h = 6 * 0.6 * len(text) * scale, 6 * 1.3 * scale  # fontsize 6
+        for dy in (0, *(k * s for k in range(1, 40) for s in (-1, 1))):
+            x0, y0 = x + 3 * scale, y + dy * h
+            box = (x0, y0, x0 + w, y0 + h)
+            if not any(x0 < p[2] and p[0] < x0 + w and y0 < p[3] and p[1] < y0 + h for p in placed):
+                break
+        placed.append(box)
+        off = (3, dy * h / scale)
+        arrow = {"arrowstyle": "-", "lw": 0.4, "alpha": 0.5} if dy else None
+        ax.annotate(
+            text,
+            (r["margin"], r["d_chosen"]),
+            xytext=off,
+            textcoords="offset points",
+            fontsize=6,
+            alpha=0.8,
+            va="bottom",
+            arrowprops=arrow,
+        )
 
 
 def run_sweep(

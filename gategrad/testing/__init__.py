@@ -1,13 +1,14 @@
 """The public verification kit: check that a loss or a training step gives the same values
 and gradients in every framework, with Hypothesis strategies and tiny reference models.
 
-- :func:`assert_backends_agree` runs one scalar function per framework from shared NumPy inputs,
-  with its gradients, and raises :class:`BackendDisagreement` naming the worst tensor and pair.
-- :mod:`gategrad.testing.models`: a toy softmax and a tiny transformer, written once for
-  every framework; :func:`softmax_logps`, :func:`transformer_logps` and :class:`PreferenceSpec` turn
+- [`assert_backends_agree`][] runs one scalar function per framework from shared NumPy inputs,
+  with its gradients, and raises [`BackendDisagreement`][] naming the worst tensor and pair.
+- [`gategrad.testing.models`][]: a toy softmax and a tiny transformer, written once for
+  every framework; [`softmax_logps`][], [`transformer_logps`][] and [`PreferenceSpec`][] turn
   them into preference losses end to end.
-- Hypothesis strategies (:func:`gates`, :func:`preference_batches`, :func:`preference_specs`,
-  :func:`transformer_batches`, ...; they need ``pip install 'gategrad[test]'``).
+- [`gategrad.testing.strategies`][]: Hypothesis strategies (``gates``, ``preference_batches``,
+  ``preference_specs``, ``transformer_batches``, ...; they need
+  ``pip install 'gategrad[test]'``).
 
 Frameworks are imported only when a function needs them, and Hypothesis only when a strategy
 is first used.

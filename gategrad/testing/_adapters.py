@@ -1,6 +1,6 @@
 """Framework adapters for tests: NumPy <-> framework arrays, and gradients in each framework.
 
-Each function delegates to the framework's backend object (:func:`gategrad.get_backend`), which
+Each function delegates to the framework's backend object ([`gategrad.get_backend`][]), which
 holds everything that differs between frameworks. ``mode='eager'`` runs the function as is;
 ``mode='compiled'`` runs it under ``torch.compile`` (``fullgraph=True``), ``jax.jit`` or
 ``mx.compile``. NumPy has no autograd: gradients there come from the caller's closed-form or
@@ -100,7 +100,7 @@ def vmap_value_and_grad(
     others are shared by every slice. Returns ``(values (K,), grads)`` with every gradient
     stacked along a leading ``K`` axis: ``torch.func.vmap(torch.func.grad_and_value(...))``,
     ``jax.vmap(jax.value_and_grad(...))`` or ``mx.vmap(mx.value_and_grad(...))``;
-    ``mode='compiled'`` compiles the vmapped function as :func:`value_and_grad` does.
+    ``mode='compiled'`` compiles the vmapped function as [`value_and_grad`][] does.
     """
     check_mode(mode)
     try:

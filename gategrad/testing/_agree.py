@@ -53,7 +53,7 @@ def tolerance(dtype: str, a: str, b: str) -> float:
 
 class BackendDisagreement(AssertionError):
     """Backends disagree beyond tolerance. ``report`` holds every comparison (an
-    :class:`Agreement`); ``worst`` the :class:`TensorDiff` that failed by the largest factor."""
+    [`Agreement`][]); ``worst`` the [`TensorDiff`][] that failed by the largest factor."""
 
     def __init__(self, message: str, report: Agreement, worst: TensorDiff) -> None:
         super().__init__(message)
@@ -116,10 +116,10 @@ class TensorDiff:
 
 @dataclass
 class Agreement:
-    """Everything :func:`assert_backends_agree` computed.
+    """Everything [`assert_backends_agree`][] computed.
 
     ``values[variant]``: the function's value (float); ``grads[variant][tensor]``: gradients as
-    float64 NumPy arrays; ``diffs``: one :class:`TensorDiff` per compared tensor and pair.
+    float64 NumPy arrays; ``diffs``: one [`TensorDiff`][] per compared tensor and pair.
     Variants are named ``'<framework>'`` in eager mode and ``'<framework>[<mode>]'`` otherwise.
     """
 
@@ -282,7 +282,7 @@ def run_backend_vmapped(
     dtype: str = "float32",
     mode: str = "eager",
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
-    """Like :func:`run_backend`, under the framework's ``vmap``: the ``batched`` inputs carry a
+    """Like [`run_backend`][], under the framework's ``vmap``: the ``batched`` inputs carry a
     leading axis ``K`` that is mapped over (the others are shared); returns one
     ``(value, {path: grad})`` per slice, to compare with eager runs on each slice.
     ``mode='compiled'`` compiles the vmapped function (``jax.jit(jax.vmap(...))``, ...)."""
@@ -424,20 +424,20 @@ def assert_backends_agree(
     atol: float = 0.0,
     reference: str | None = None,
 ) -> Agreement:
-    """Check that every backend gives the same value and gradients; return the :class:`Agreement`.
+    """Check that every backend gives the same value and gradients; return the [`Agreement`][].
 
     Args:
         fns_by_backend: ``{'torch': f, 'jax': f, 'mlx': f, 'numpy': f_ref}``: a scalar-valued
             function per backend, called as ``f(**inputs)`` with the inputs converted to that
             framework. gategrad's own functions are framework-neutral, so one function often
             serves every backend. A single callable means every installed framework of
-            :data:`FRAMEWORKS`. ``'numpy'`` has no autograd: its function returns
+            ``FRAMEWORKS``. ``'numpy'`` has no autograd: its function returns
             ``(value, grads)`` with ``grads`` keyed like ``inputs`` (a closed-form reference).
         inputs: ``{name: np.ndarray}``, or ``{name: {sub: np.ndarray}}`` for parameter dicts.
             Floating arrays are cast to ``dtype``; integer and boolean arrays keep their kind.
             ``None`` values are passed through as ``None``.
         tol: scale-relative tolerance ``max|a-b| <= tol * max(|a|, |b|)`` for every tensor;
-            ``None``: :func:`tolerance` per pair (float32: 1e-4; float64: 1e-12, MLX 1e-4).
+            ``None``: [`tolerance`][] per pair (float32: 1e-4; float64: 1e-12, MLX 1e-4).
         wrt: input names (or ``'name/sub'`` paths) to differentiate; default every floating
             input.
         dtype: ``'float32'`` or ``'float64'`` (MLX float64 runs on its CPU stream).

@@ -1,22 +1,22 @@
 """Closed-form NumPy gradients of the preference losses and the toy softmax (NumPy has no
-autograd): the test kit's reference, used by :func:`gategrad.testing.softmax_reference` and the
+autograd): the test kit's reference, used by [`gategrad.testing.softmax_reference`][] and the
 NumPy lab.
 
 Two layers, both float64 and free of any deep-learning framework:
 
-1. **Loss derivatives.** :func:`loss_grads` returns, for every loss type of
-   :func:`gategrad.losses.preference_loss`, the batch-mean loss and its derivatives with respect to
+1. **Loss derivatives.** [`loss_grads`][] returns, for every loss type of
+   [`gategrad.losses.preference_loss`][], the batch-mean loss and its derivatives with respect to
    the policy's *summed* log-probs ``pi_w = log pi(y_w|x)`` and ``pi_l = log pi(y_l|x)``, shape
-   ``(B,)``. The reference log-probs are constants. :func:`gate_grad` then applies a
-   :class:`gategrad.Gate` to the rejected derivative: the gate multiplies the rejected branch's
+   ``(B,)``. The reference log-probs are constants. [`gate_grad`][] then applies a
+   [`gategrad.Gate`][] to the rejected derivative: the gate multiplies the rejected branch's
    ``d loss / d pi_l`` only; the loss value and ``d loss / d pi_w`` do not change.
 
-2. **The softmax model.** :func:`softmax_grads` back-propagates derivatives with respect to
+2. **The softmax model.** [`softmax_grads`][] back-propagates derivatives with respect to
    class log-probs through ``log_softmax(contexts @ W + b)`` (the toy model of
-   :func:`gategrad.testing.models.softmax_logits`):
+   [`gategrad.testing.models.softmax_logits`][]):
    ``d z_i = sum_k d_ik (e_{t_ik} - softmax(z_i))``, ``dW = X^T dZ``, ``db = sum_i dZ_i``.
 
-Notation as :mod:`gategrad.losses`: ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``|y|`` a
+Notation as [`gategrad.losses`][]: ``h_w = pi_w - ref_w``, ``h_l = pi_l - ref_l``, ``|y|`` a
 response's token count, ``s(z) = sigmoid(z)`` and ``ls(z) = log sigmoid(z)``, with
 ``d/dz [-ls(z)] = -s(-z)``.
 
@@ -40,19 +40,21 @@ Per example (before the ``1/B`` of the batch mean), ``d/d pi_w`` and ``d/d pi_l`
 ``-sft_weight / (B |y_w|)`` on ``pi_w``. At the kinks of ``hinge`` and ``dpop`` the derivative
 used is the one-sided value of the indicator as written (``1[...] = 0`` at equality).
 
-Example (one gated DPO step of a softmax classifier)::
+Example (one gated DPO step of a softmax classifier):
 
-    from gategrad import Gate
-    from gategrad.testing import _closed_form as ng
+```python
+from gategrad import Gate
+from gategrad.testing import _closed_form as ng
 
-    logits = contexts @ W + b
-    logp = ng.log_softmax(logits)
-    pi_w, pi_l = ng.pick(logp, chosen), ng.pick(logp, rejected)
-    lg = ng.loss_grads("sigmoid", pi_w, pi_l, ref_w, ref_l, beta=0.1)
-    d_l, g = ng.gate_grad(lg.d_rejected, pi_l, Gate("log_sigmoid"), lengths=1)
-    grads = ng.softmax_grads(contexts, logits, np.stack([chosen, rejected], 1),
-                             np.stack([lg.d_chosen, d_l], 1))
-    W -= lr * grads["W"]; b -= lr * grads["b"]
+logits = contexts @ W + b
+logp = ng.log_softmax(logits)
+pi_w, pi_l = ng.pick(logp, chosen), ng.pick(logp, rejected)
+lg = ng.loss_grads("sigmoid", pi_w, pi_l, ref_w, ref_l, beta=0.1)
+d_l, g = ng.gate_grad(lg.d_rejected, pi_l, Gate("log_sigmoid"), lengths=1)
+grads = ng.softmax_grads(contexts, logits, np.stack([chosen, rejected], 1),
+                         np.stack([lg.d_chosen, d_l], 1))
+W -= lr * grads["W"]; b -= lr * grads["b"]
+```
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def loss_grads(
 ) -> LossGrads:
     """Batch-mean loss and its derivatives w.r.t. the summed policy log-probs ``(B,)``.
 
-    Arguments mirror :func:`gategrad.losses.preference_loss` for per-sequence inputs: the
+    Arguments mirror [`gategrad.losses.preference_loss`][] for per-sequence inputs: the
     log-probs are ``(B,)`` sums, ``*_lengths`` the token counts (an int or ``(B,)``; needed by
     ``ipo`` with ``length_normalize=True``, ``simpo`` and ``sft_weight > 0``), and
     ``loss_params`` the loss type's extra parameters (``label_smoothing``, ``length_normalize``,
@@ -243,7 +245,7 @@ def gate_grad(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``gate`` to the rejected branch's derivative: ``(g * d_rejected, g)``.
 
-    ``rejected_logps`` are the policy's rejected log-probs as :func:`gategrad.gate_weights`
+    ``rejected_logps`` are the policy's rejected log-probs as [`gategrad.gate_weights`][]
     takes them: ``(B,)`` sums with ``lengths`` (the ``seq`` estimator), or ``(B, T)`` per-token
     with ``mask``. ``d_rejected`` has the shape of ``rejected_logps`` (per token: the derivative
     of the loss w.r.t. each token's log-prob, which for summed log-probs is ``d_rejected[:, None]``
@@ -281,7 +283,7 @@ def softmax_grads(
     parameters), integer ``targets`` ``(N, K)`` and ``d_logp`` ``(N, K)`` (``K = 2`` for a
     chosen and a rejected class; ``(N,)`` is read as ``K = 1``). Returns ``{"W": (D, V),
     "b": (V,)}`` from ``dZ_i = sum_k d_ik (onehot(t_ik) - softmax(z_i))``. The derivatives
-    ``d_logp`` usually come from :func:`loss_grads` (and :func:`gate_grad`). ``probs``:
+    ``d_logp`` usually come from [`loss_grads`][] (and [`gate_grad`][]). ``probs``:
     ``softmax(logits)`` if already computed.
     """
     x = np.asarray(contexts, dtype=np.float64)

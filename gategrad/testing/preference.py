@@ -2,16 +2,16 @@
 
 A preference batch goes ``model -> logits -> gategrad.token_logps -> gategrad.preference_loss``,
 exactly as in training. Two models, both written once for every framework in
-:mod:`gategrad.testing.models`:
+[`gategrad.testing.models`][]:
 
 - the toy softmax: each response token ``t`` of example ``b`` has a context vector
   ``x[b, t]`` and a target class; ``logits = x @ W + b``. Reference log-probs are inputs.
 - the tiny transformer: prompt + response token sequences, right padded, for the chosen and the
   rejected response; the policy and the reference model are two parameter dicts.
 
-Inputs are NumPy dicts (:func:`make_softmax_batch`, :func:`make_transformer_batch`); the loss
+Inputs are NumPy dicts ([`make_softmax_batch`][], [`make_transformer_batch`][]); the loss
 functions take them as keyword arguments, converted to one framework, so they plug straight into
-:func:`gategrad.testing.assert_backends_agree`.
+[`gategrad.testing.assert_backends_agree`][].
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def model_module(backend: str) -> Any:
 
 def _uses_ref(loss_type: str) -> bool:
     """Whether ``loss_type`` reads the reference log-probs (an unknown type is left to
-    :func:`gategrad.preference_loss` to reject)."""
+    [`gategrad.preference_loss`][] to reject)."""
     spec = LOSSES.get(loss_type)
     return spec is None or spec.uses_ref
 
@@ -83,10 +83,10 @@ class PreferenceLogps(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceSpec:
-    """One preference loss: the arguments of :func:`gategrad.preference_loss` besides the arrays.
+    """One preference loss: the arguments of [`gategrad.preference_loss`][] besides the arrays.
 
     ``params`` holds the loss type's own parameters as ``(name, value)`` pairs (hashable).
-    Calling the spec on a :class:`PreferenceLogps` gives the scalar loss.
+    Calling the spec on a [`PreferenceLogps`][] gives the scalar loss.
     """
 
     loss_type: str = "sigmoid"
@@ -138,7 +138,7 @@ def preference_loss_fn(
 
 def softmax_logps(backend: str) -> Callable[..., PreferenceLogps]:
     """The softmax model's per-token log-probs in ``backend``, as a function of the inputs of
-    :func:`make_softmax_batch`."""
+    [`make_softmax_batch`][]."""
     from gategrad import token_logps
 
     get_backend(backend)  # ValueError or ImportError now, not at the first call
@@ -219,7 +219,7 @@ def softmax_reference(spec: PreferenceSpec) -> Callable[..., tuple[float, dict]]
     preference loss, gate included: ``f(**inputs) -> (loss, {'params': {'W', 'b'}})``.
 
     The loss derivatives with respect to the summed log-probs come from
-    :mod:`gategrad.testing._closed_form`; the gate multiplies the rejected tokens' cotangents by
+    ``gategrad.testing._closed_form``; the gate multiplies the rejected tokens' cotangents by
     ``g`` (per example, or per token), computed by the NumPy backend; then
     ``dz = d (onehot(target) - softmax(z))``, ``dW = X^T dz`` and ``db = sum dz``.
     """
@@ -279,7 +279,7 @@ def softmax_reference(spec: PreferenceSpec) -> Callable[..., tuple[float, dict]]
 
 def transformer_logps(backend: str, cfg: TransformerConfig) -> Callable[..., PreferenceLogps]:
     """The transformer's per-token response log-probs in ``backend``, as a function of the
-    inputs of :func:`make_transformer_batch`: four forward passes (policy and reference, chosen
+    inputs of [`make_transformer_batch`][]: four forward passes (policy and reference, chosen
     and rejected), ``token_logps(logits, tokens, response_mask, shift=True)`` each."""
     from gategrad import token_logps
 
@@ -419,7 +419,7 @@ def gate_gradient_parts(
     dtype: str = "float64",
 ) -> GateParts:
     """Split the gradient of ``spec(logps_fn(**inputs))`` into its chosen and (gated) rejected
-    paths in framework ``backend`` (eager). ``spec.gate`` must be set. See :class:`GateParts`."""
+    paths in framework ``backend`` (eager). ``spec.gate`` must be set. See [`GateParts`][]."""
     import gategrad
     from gategrad._core import broadcast_weight
 

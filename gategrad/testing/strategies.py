@@ -46,7 +46,7 @@ def gates(
     *,
     floors: bool = True,
 ) -> st.SearchStrategy[Gate]:
-    """:class:`gategrad.Gate` objects whose thresholds sit where token probabilities of small
+    """[`gategrad.Gate`][] objects whose thresholds sit where token probabilities of small
     vocabularies live (``1e-4`` to ``0.5``), so weights spread over ``[0, 1]``."""
     by_shape: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "sigmoid": st.builds(dict, alpha=st.floats(1.0, 200.0), tau=st.floats(1e-3, 0.5)),
@@ -91,8 +91,8 @@ def preference_specs(
     betas: st.SearchStrategy[float] | None = None,
     sft_weights: Sequence[float] = (0.0, 0.5),
 ) -> st.SearchStrategy[PreferenceSpec]:
-    """:class:`~gategrad.testing.PreferenceSpec`: loss type, beta, gate, SFT weight and the loss
-    type's parameters. ``gate`` defaults to ``None`` or any of :func:`gates`."""
+    """[`PreferenceSpec`][]: loss type, beta, gate, SFT weight and the loss type's parameters.
+    ``gate`` defaults to ``None`` or any of [`gates`][]."""
     from gategrad.losses import LOSS_TYPES
 
     types = list(loss_types or LOSS_TYPES)
@@ -123,7 +123,7 @@ def preference_batches(
     per_token: bool = True,
     dtype: str = "float64",
 ) -> dict[str, np.ndarray]:
-    """Log-probs of a preference batch, as :func:`gategrad.preference_loss` takes them.
+    """Log-probs of a preference batch, as [`gategrad.preference_loss`][] takes them.
 
     ``per_token=True``: ``policy_/ref_{chosen,rejected}_logps`` of shape ``(B, T)`` with
     right-padded boolean ``chosen_mask`` / ``rejected_mask`` (at least one token per row; padding
@@ -154,12 +154,12 @@ def preference_batches(
 
 
 def softmax_configs() -> st.SearchStrategy[SoftmaxConfig]:
-    """One of :data:`SOFTMAX_CONFIGS`."""
+    """One of ``SOFTMAX_CONFIGS``."""
     return st.sampled_from(SOFTMAX_CONFIGS)
 
 
 def transformer_configs(free: bool = False) -> st.SearchStrategy[TransformerConfig]:
-    """One of :data:`TRANSFORMER_CONFIGS`, or with ``free=True`` any 1-3 layer model with
+    """One of ``TRANSFORMER_CONFIGS``, or with ``free=True`` any 1-3 layer model with
     vocab up to 100 (slow in JAX and MLX eager mode: each size compiles anew)."""
     if not free:
         return st.sampled_from(TRANSFORMER_CONFIGS)
@@ -185,11 +185,11 @@ def softmax_batches(
     configs: st.SearchStrategy[SoftmaxConfig] | None = None,
     shapes: Sequence[tuple[int, int]] = ((3, 11), (2, 15)),
 ) -> tuple[SoftmaxConfig, dict[str, Any]]:
-    """``(cfg, inputs)`` for :func:`~gategrad.testing.softmax_logps`: weights (with a drawn
-    scale, so probabilities range from flat to extreme), contexts, targets and masks.
+    """``(cfg, inputs)`` for [`softmax_logps`][gategrad.testing.softmax_logps]: weights (with a
+    drawn scale, so probabilities range from flat to extreme), contexts, targets and masks.
 
     ``shapes``: the ``(B, T)`` drawn from. The defaults give the same ``(B, T)`` log-prob
-    shapes as :func:`transformer_batches` (which shifts by one), so JAX and MLX compile the
+    shapes as [`transformer_batches`][] (which shifts by one), so JAX and MLX compile the
     loss' operations once for both models."""
     cfg = draw(configs if configs is not None else softmax_configs())
     b, t = draw(st.sampled_from(list(shapes)))
@@ -209,8 +209,8 @@ def transformer_batches(
     configs: st.SearchStrategy[TransformerConfig] | None = None,
     shapes: Sequence[tuple[int, int]] = ((3, 12), (2, 16)),
 ) -> tuple[TransformerConfig, dict[str, Any]]:
-    """``(cfg, inputs)`` for :func:`~gategrad.testing.transformer_logps`: policy and reference
-    weights, right-padded prompt + response sequences and their masks."""
+    """``(cfg, inputs)`` for [`transformer_logps`][gategrad.testing.transformer_logps]: policy and
+    reference weights, right-padded prompt + response sequences and their masks."""
     cfg = draw(configs if configs is not None else transformer_configs())
     b, t = draw(st.sampled_from(list(shapes)))
     t = min(t, cfg.max_len)

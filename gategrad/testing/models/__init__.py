@@ -1,12 +1,12 @@
 """Tiny reference models for the gategrad test kit, written once for every framework.
 
 Importing this package imports NumPy only; a framework is imported when
-:func:`params_from_numpy` first names it. The forward passes find their framework from the
-parameters' arrays and compute with that backend's operations (:mod:`gategrad._backend`), so
+[`params_from_numpy`][] first names it. The forward passes find their framework from the
+parameters' arrays and compute with that backend's operations (``gategrad._backend``), so
 NumPy (the float64 reference), PyTorch, JAX and MLX run the same maths:
 
 - ``params_from_numpy(np_params, backend, dtype="float64", device=None)``: a NumPy parameter
-  dict (from :func:`init_softmax_params` or :func:`init_transformer_params`) as arrays of
+  dict (from [`init_softmax_params`][] or [`init_transformer_params`][]) as arrays of
   ``backend`` (``'numpy' | 'torch' | 'jax' | 'mlx'``);
 - ``softmax_logits(params, contexts) -> (N, V)``;
 - ``transformer_logits(params, tokens, cfg, attention_mask=None) -> (B, T, V)``;
@@ -15,14 +15,16 @@ NumPy (the float64 reference), PyTorch, JAX and MLX run the same maths:
 The modules ``numpy_models``, ``torch_models``, ``jax_models`` and ``mlx_models`` are the same
 functions with the framework bound (``params_from_numpy(np_params, dtype)``).
 
-Example::
+For example:
 
-    from gategrad.testing.models import TransformerConfig, init_transformer_params
-    from gategrad.testing.models import params_from_numpy, transformer_logits
+```python
+from gategrad.testing.models import TransformerConfig, init_transformer_params
+from gategrad.testing.models import params_from_numpy, transformer_logits
 
-    cfg = TransformerConfig()
-    params = params_from_numpy(init_transformer_params(cfg, seed=0), "torch", "float32")
-    logits = transformer_logits(params, tokens, cfg)
+cfg = TransformerConfig()
+params = params_from_numpy(init_transformer_params(cfg, seed=0), "torch", "float32")
+logits = transformer_logits(params, tokens, cfg)
+```
 """
 
 from gategrad.testing.models._forward import (

@@ -1,11 +1,11 @@
 """The forward passes of the test-kit models, written once for every framework.
 
-Each function finds its backend from the parameters' arrays (:func:`gategrad._dispatch.backend_for`)
+Each function finds its backend from the parameters' arrays (``gategrad._dispatch.backend_for``)
 and computes with that backend's operations only, so NumPy, PyTorch, JAX and MLX run the same
-maths: ``x @ W`` matmuls, LayerNorm with the biased variance and :data:`LN_EPS`, the tanh GELU
-with :data:`GELU_C`, masked attention scores set to :data:`MASK_VALUE` and the backend's
+maths: ``x @ W`` matmuls, LayerNorm with the biased variance and [`LN_EPS`][], the tanh GELU
+with [`GELU_C`][], masked attention scores set to [`MASK_VALUE`][] and the backend's
 ``softmax`` (MLX: ``precise=True``). Nothing here imports a framework: a framework is loaded only
-when :func:`params_from_numpy` names it.
+when [`params_from_numpy`][] names it.
 
 The functions are pure (dicts of arrays in, arrays out), so they run under ``torch.compile``,
 ``torch.func``, ``jax.jit`` / ``jax.grad`` (close over ``cfg``, or mark it static) and

@@ -1,7 +1,7 @@
 """Configs and NumPy (float64) parameter initialisation for the reference models.
 
 Nothing here imports a deep-learning framework: parameters are plain ``np.ndarray`` dicts that
-:func:`gategrad.testing.models.params_from_numpy` converts to any framework.
+[`gategrad.testing.models.params_from_numpy`][] converts to any framework.
 """
 
 from __future__ import annotations

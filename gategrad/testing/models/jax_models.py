@@ -1,4 +1,4 @@
-"""JAX forward passes of the test-kit models: :mod:`gategrad.testing.models` bound to
+"""JAX forward passes of the test-kit models: [`gategrad.testing.models`][] bound to
 ``'jax'`` (kept for compatibility; importing it imports JAX).
 
 ``cfg`` is a hashable frozen dataclass: close over it or mark it static, e.g.

@@ -1,4 +1,4 @@
-"""MLX forward passes of the test-kit models: :mod:`gategrad.testing.models` bound to
+"""MLX forward passes of the test-kit models: [`gategrad.testing.models`][] bound to
 ``'mlx'`` (kept for compatibility; importing it imports MLX).
 
 MLX float64 exists on the CPU only (``mx.set_default_device(mx.cpu)``), and its transcendental

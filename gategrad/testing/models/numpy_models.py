@@ -1,4 +1,4 @@
-"""NumPy forward passes of the test-kit models: :mod:`gategrad.testing.models` bound to
+"""NumPy forward passes of the test-kit models: [`gategrad.testing.models`][] bound to
 ``'numpy'`` (kept for compatibility; importing it imports NumPy)."""
 
 from gategrad.testing.models._forward import bind

@@ -1,4 +1,4 @@
-"""PyTorch forward passes of the test-kit models: :mod:`gategrad.testing.models` bound to
+"""PyTorch forward passes of the test-kit models: [`gategrad.testing.models`][] bound to
 ``'torch'`` (kept for compatibility; importing it imports PyTorch)."""
 
 from gategrad.testing.models._forward import bind
