@@ -1,1 +1,1 @@
-"""Integrations with training stacks: TRL, mlx-lm (imported on use)."""
+"""Integrations with training stacks: TRL, mlx-lm, mlx-lm-lora (imported on use)."""
