@@ -100,6 +100,165 @@ class _ChunkLogps(torch.autograd.Function):
         return gx.to(block.dtype), None, None
 
 
+def _tile_logits(h: Any, w: Any, b: Any) -> Any:
+    """``h @ w.T + b`` in the input dtype (one matmul; ``addmm`` where there is a bias)."""
+    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+
+
+def _fused_forward(hidden: Any, weight: Any, bias: Any, labels: Any, rows: int, cols: int) -> Any:
+    """``(logps, lse)`` ``(N,)`` in ``promote_types(dtype, float32)``: rows of positions by
+    tiles of the vocabulary, a running log-sum-exp across the tiles; one tile alive at a time.
+    In place on the tile (its float32 copy in low precision) except under dynamo/functorch."""
+    cd = torch.promote_types(hidden.dtype, torch.float32)
+    inplace = not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or _is_functorch_wrapped(hidden, weight)
+    )
+    vocab = weight.shape[0]
+    outs, lses = [], []
+    for r0 in range(0, hidden.shape[0], rows):
+        h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
+        m = s = target = None
+        for v0 in range(0, vocab, cols):
+            w = weight[v0 : v0 + cols]
+            z = _tile_logits(h, w, None if bias is None else bias[v0 : v0 + cols]).to(cd)
+            local = y - v0
+            inside = (local >= 0) & (local < w.shape[0])
+            picked = z.gather(1, local.clamp(0, w.shape[0] - 1)[:, None])[:, 0]
+            top = z.amax(1)
+            new = top if m is None else torch.maximum(m, top)
+            if inplace:
+                tile_sum = z.sub_(new[:, None]).exp_().sum(1)
+            else:
+                tile_sum = torch.exp(z - new[:, None]).sum(1)
+            if m is None:
+                s, target = tile_sum, torch.where(inside, picked, 0.0)
+            else:
+                s = s * torch.exp(m - new) + tile_sum
+                target = torch.where(inside, picked, target)
+            m = new
+        lse = m + torch.log(s)
+        outs.append(target - lse)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _fused_backward(
+    hidden: Any, weight: Any, bias: Any, labels: Any, lse: Any, grad: Any, needs: Any, tile: Any
+) -> tuple[Any, Any, Any]:
+    """Gradients of ``sum(grad * logps)`` to ``hidden``, ``weight`` and ``bias`` (``None``
+    where not needed): each tile recomputed, turned into ``g * (onehot - softmax)`` in place,
+    then ``d @ w`` accumulated into the hidden gradient and ``d.T @ h`` into the weight rows of
+    the tile. Accumulators in float32 for low precision, else the gradients themselves."""
+    rows, cols = tile
+    cd = lse.dtype
+    low = hidden.dtype != cd
+    inplace = not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or _is_functorch_wrapped(hidden, weight, grad)
+    )
+    n, vocab = hidden.shape[0], weight.shape[0]
+    g = grad.to(cd)
+    need_h, need_w, need_b = needs
+    gh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h and inplace else None
+    h_parts: list[Any] = [None] * -(-n // rows)  # functional mode: per row chunk
+    w_parts: list[Any] = []
+    b_parts: list[Any] = []
+    gw = torch.empty_like(weight) if need_w and inplace else None
+    gb = torch.empty(vocab, dtype=cd, device=hidden.device) if need_b and inplace else None
+    for v0 in range(0, vocab, cols):
+        w = weight[v0 : v0 + cols]
+        c = w.shape[0]
+        acc_w = acc_b = None
+        for r0 in range(0, n, rows):
+            h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
+            gr, lr = g[r0 : r0 + rows], lse[r0 : r0 + rows]
+            z = _tile_logits(h, w, None if bias is None else bias[v0 : v0 + cols]).to(cd)
+            local = y - v0
+            inside = (local >= 0) & (local < c)
+            idx = local.clamp(0, c - 1)[:, None]
+            hit = torch.where(inside, gr, 0.0)[:, None]
+            if inplace:  # d = g * (onehot - p), in the tile's own buffer
+                d = z.sub_(lr[:, None]).exp_().mul_(-gr[:, None]).scatter_add_(1, idx, hit)
+            else:
+                d = (torch.exp(z - lr[:, None]) * -gr[:, None]).scatter_add(1, idx, hit)
+            dl = d.to(hidden.dtype)  # the matmuls in the input dtype
+            if need_h:
+                if inplace and not low:
+                    gh[r0 : r0 + rows].addmm_(dl, w)
+                elif inplace:
+                    gh[r0 : r0 + rows] += dl @ w
+                else:
+                    part = (dl @ w).to(cd)
+                    i = r0 // rows
+                    h_parts[i] = part if h_parts[i] is None else h_parts[i] + part
+            if need_w:
+                part_w = dl.t() @ h
+                if acc_w is None:
+                    acc_w = part_w if not low else part_w.to(cd)
+                elif inplace:
+                    acc_w += part_w
+                else:
+                    acc_w = acc_w + part_w
+            if need_b:
+                part_b = d.sum(0)
+                acc_b = part_b if acc_b is None else acc_b + part_b
+        if need_w:
+            if gw is not None:
+                gw[v0 : v0 + c] = acc_w
+            else:
+                w_parts.append(acc_w.to(weight.dtype))
+        if need_b:
+            if gb is not None:
+                gb[v0 : v0 + c] = acc_b
+            else:
+                b_parts.append(acc_b)
+    if need_w and gw is None:
+        gw = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts)
+    if need_b and gb is None:
+        gb = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts)
+    if need_h and gh is None:
+        gh = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
+    return (
+        None if gh is None else gh.to(hidden.dtype),
+        gw,
+        None if gb is None else gb.to(bias.dtype),
+    )
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """``(logps, lse)`` of ``log_softmax(hidden @ weight.T + bias)`` at ``labels``, in tiles;
+    differentiable in ``logps`` (to ``hidden``, ``weight`` and ``bias``). Saves the inputs and
+    the ``(N,)`` log-sum-exp: nothing of size ``N * V``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, labels: Any, rows: int, cols: int) -> Any:
+        return _fused_forward(hidden, weight, bias, labels, rows, cols)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        hidden, weight, bias, labels, rows, cols = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.tile = (rows, cols)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: the log-sum-exp as a differentiable formula
+            lse = _fused_forward(hidden, weight, bias, labels, *ctx.tile)[1]
+        gh, gw, gb = _fused_backward(hidden, weight, bias, labels, lse, grad, needs, ctx.tile)
+        return gh, gw, gb, None, None, None
+
+
 class _AdamW:
     """``torch.optim.AdamW`` (``foreach``), updating the parameters in place (no state)."""
 
@@ -280,6 +439,23 @@ class TorchBackend(Backend):
             ]
             out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
         return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+
+    def fused_linear_logps(
+        self,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        labels: Array,
+        cdtype: Any,
+        tile: tuple[int, int],
+    ) -> Array:
+        """One ``autograd.Function`` over all the tiles: the forward keeps one tile (and its
+        float32 copy in low precision) alive at a time and saves only the ``(N,)``
+        log-sum-exp; the backward recomputes each tile and overwrites it with
+        ``g * (onehot - softmax)`` (out of place under ``torch.compile``, ``torch.func`` and
+        ``create_graph``), accumulating the weight gradient tile by tile in place."""
+        logps, _ = _FusedLinearLogps.apply(hidden, weight, bias, labels, *tile)
+        return logps
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:
