@@ -104,7 +104,9 @@ def _mlx_fused_grads(
         for r0 in range(0, n, rows):
             hr, yr = h[r0 : r0 + rows], y[r0 : r0 + rows]
             gr, lr = g[r0 : r0 + rows], lse[r0 : r0 + rows]
-            p = mx.exp(_mlx_logits(hr, wv, None if b is None else b[v0 : v0 + cols], cd) - lr[:, None])
+            p = mx.exp(
+                _mlx_logits(hr, wv, None if b is None else b[v0 : v0 + cols], cd) - lr[:, None]
+            )
             onehot = mx.arange(nc)[None, :] == (yr - v0)[:, None]
             d = gr[:, None] * (onehot.astype(cd) - p)
             dl = d.astype(h.dtype)  # the matmuls in the input dtype
