@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,119 @@ if not getattr(Gate, "_jax_pytree_registered", False):
     jax.tree_util.register_pytree_node(Gate, _gate_flatten, _gate_unflatten)
     Gate._jax_pytree_registered = True  # type: ignore[attr-defined]
 assert {f.name for f in dataclasses.fields(Gate)} == set(NUMERIC_FIELDS) | set(STATIC_FIELDS)
+
+
+def _tiles(total: int, size: int, body: Callable[..., Any], carry: Any) -> Any:
+    """``carry = body(carry, start, length)`` over ``[0, total)`` in tiles of ``size``: the
+    full tiles in one ``lax.fori_loop`` (``start`` traced), the remainder after it."""
+    full, rem = divmod(total, size)
+    if full == 1:
+        carry = body(carry, 0, size)
+    elif full > 1:
+        carry = jax.lax.fori_loop(0, full, lambda i, c: body(c, i * size, size), carry)
+    if rem:
+        carry = body(carry, full * size, rem)
+    return carry
+
+
+def _slice(x: jax.Array, start: Any, length: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, start, length, axis=0)
+
+
+def _put(x: jax.Array, update: jax.Array, start: Any) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, update, start, axis=0)
+
+
+def _logits(h: jax.Array, w: jax.Array, b: jax.Array | None, cd: Any) -> jax.Array:
+    """One tile ``h @ w.T + b``: the matmul in the input dtype, accumulated into ``cd``."""
+    z = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=cd)
+    return z if b is None else z + b.astype(cd)
+
+
+def _fused_stats(h, w, b, y, tile):  # type: ignore[no-untyped-def]
+    """``(logps, lse)`` ``(N,)``: rows of positions by vocabulary tiles, a running
+    log-sum-exp in ``promote_types(dtype, float32)``."""
+    rows, cols = tile
+    n, vocab = h.shape[0], w.shape[0]
+    cd = jnp.promote_types(h.dtype, jnp.float32)
+
+    def row_chunk(out: Any, r0: Any, nr: int) -> Any:
+        hr, yr = _slice(h, r0, nr), _slice(y, r0, nr)
+
+        def vocab_tile(carry: Any, v0: Any, nc: int) -> Any:
+            m, s, target = carry
+            z = _logits(hr, _slice(w, v0, nc), None if b is None else _slice(b, v0, nc), cd)
+            local = yr - v0
+            inside = (local >= 0) & (local < nc)
+            picked = jnp.take_along_axis(z, jnp.clip(local, 0, nc - 1)[:, None], axis=1)[:, 0]
+            new = jnp.maximum(m, z.max(axis=1))
+            s = s * jnp.exp(m - new) + jnp.exp(z - new[:, None]).sum(axis=1)
+            return new, s, jnp.where(inside, picked, target)
+
+        init = (jnp.full((nr,), -jnp.inf, cd), jnp.zeros((nr,), cd), jnp.zeros((nr,), cd))
+        m, s, target = _tiles(vocab, cols, vocab_tile, init)
+        lse = m + jnp.log(s)
+        logps, lses = out
+        return _put(logps, target - lse, r0), _put(lses, lse, r0)
+
+    init = (jnp.zeros((n,), cd), jnp.zeros((n,), cd))
+    return _tiles(n, rows, row_chunk, init)
+
+
+def _fused_grads(h, w, b, y, lse, g, tile):  # type: ignore[no-untyped-def]
+    """Gradients of ``sum(g * logps)`` to ``h``, ``w``, ``b``: each tile recomputed into
+    ``g * (onehot - softmax)``; the hidden gradient accumulated across vocabulary tiles and
+    the weight rows of a tile across row chunks, in ``promote_types(dtype, float32)``."""
+    rows, cols = tile
+    n, vocab = h.shape[0], w.shape[0]
+    cd = lse.dtype
+    g = g.astype(cd)
+
+    def vocab_tile(carry: Any, v0: Any, nc: int) -> Any:
+        gh, gw, gb = carry
+        wv = _slice(w, v0, nc)
+        bv = None if b is None else _slice(b, v0, nc)
+
+        def row_chunk(inner: Any, r0: Any, nr: int) -> Any:
+            gh, acc_w, acc_b = inner
+            hr, yr = _slice(h, r0, nr), _slice(y, r0, nr)
+            gr, lr = _slice(g, r0, nr), _slice(lse, r0, nr)
+            p = jnp.exp(_logits(hr, wv, bv, cd) - lr[:, None])
+            local = yr - v0
+            onehot = jnp.arange(nc)[None, :] == local[:, None]
+            d = gr[:, None] * (onehot.astype(cd) - p)
+            dl = d.astype(h.dtype)  # the matmuls in the input dtype, accumulated in cd
+            part_h = jnp.matmul(dl, wv, preferred_element_type=cd)
+            gh = _put(gh, _slice(gh, r0, nr) + part_h, r0)
+            acc_w = acc_w + jnp.matmul(dl.T, hr, preferred_element_type=cd)
+            return gh, acc_w, acc_b + d.sum(axis=0)
+
+        inner = (gh, jnp.zeros((nc, w.shape[1]), cd), jnp.zeros((nc,), cd))
+        gh, acc_w, acc_b = _tiles(n, rows, row_chunk, inner)
+        return gh, _put(gw, acc_w.astype(w.dtype), v0), _put(gb, acc_b, v0)
+
+    init = (jnp.zeros(h.shape, cd), jnp.zeros(w.shape, w.dtype), jnp.zeros((vocab,), cd))
+    gh, gw, gb = _tiles(vocab, cols, vocab_tile, init)
+    return gh.astype(h.dtype), gw, None if b is None else gb.astype(b.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_linear_logps(h, w, b, y, tile):  # type: ignore[no-untyped-def]
+    return _fused_stats(h, w, b, y, tile)[0]
+
+
+def _fused_fwd(h, w, b, y, tile):  # type: ignore[no-untyped-def]
+    logps, lse = _fused_stats(h, w, b, y, tile)
+    return logps, (h, w, b, y, lse)
+
+
+def _fused_bwd(tile, res, g):  # type: ignore[no-untyped-def]
+    h, w, b, y, lse = res
+    gh, gw, gb = _fused_grads(h, w, b, y, lse, g, tile)
+    return gh, gw, gb, None
+
+
+_fused_linear_logps.defvjp(_fused_fwd, _fused_bwd)
 
 
 class _AdamW:
@@ -168,6 +282,21 @@ class JaxBackend(Backend):
         if explicit or self.is_concrete(logits):
             return self.chunked_logps(logits, labels, cdtype, *chunk)
         return self.fused_logps(logits, labels, cdtype)
+
+    def fused_linear_logps(
+        self,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        labels: Array,
+        cdtype: Any,
+        tile: tuple[int, int],
+    ) -> Array:
+        """A ``jax.custom_vjp`` over ``lax.fori_loop`` tiles (full tiles in the loop, the
+        remainder after it): the forward saves the inputs and the ``(N,)`` log-sum-exp, the
+        backward recomputes each tile; XLA updates the loop carries (the gradients) in place.
+        Works under ``jit``, ``grad``, ``vmap`` and sharded inputs."""
+        return _fused_linear_logps(hidden, weight, bias, labels, tuple(tile))
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:

@@ -43,6 +43,100 @@ def _scale_grad_vjp(
     return grad, mx.zeros_like(weight)
 
 
+def _mlx_logits(h: mx.array, w: mx.array, b: mx.array | None, cd: Any) -> mx.array:
+    """One tile ``h @ w.T + b`` in the input dtype, cast to ``cd``."""
+    z = h @ w.T if b is None else mx.addmm(b, h, w.T)
+    return z.astype(cd)
+
+
+def _mlx_fused_stats(h: mx.array, w: mx.array, b: Any, y: mx.array, tile: Any) -> Any:
+    """``(logps, lse)`` ``(N,)`` over rows of positions by vocabulary tiles, a running
+    log-sum-exp in ``cd`` (float32, or float64)."""
+    rows, cols = tile
+    cd = mx.float64 if h.dtype == mx.float64 else mx.float32
+    n, vocab = h.shape[0], w.shape[0]
+    outs, lses = [], []
+    for r0 in range(0, n, rows):
+        hr, yr = h[r0 : r0 + rows], y[r0 : r0 + rows]
+        m = s = target = None
+        for v0 in range(0, vocab, cols):
+            wv = w[v0 : v0 + cols]
+            nc = wv.shape[0]
+            z = _mlx_logits(hr, wv, None if b is None else b[v0 : v0 + cols], cd)
+            local = yr - v0
+            inside = (local >= 0) & (local < nc)
+            idx = mx.clip(local, 0, nc - 1)[:, None]
+            picked = mx.take_along_axis(z, idx, axis=1)[:, 0]
+            top = mx.max(z, axis=1)
+            new = top if m is None else mx.maximum(m, top)
+            tile_sum = mx.sum(mx.exp(z - new[:, None]), axis=1)
+            if m is None:
+                s, target = tile_sum, mx.where(inside, picked, mx.zeros_like(picked))
+            else:
+                s = s * mx.exp(m - new) + tile_sum
+                target = mx.where(inside, picked, target)
+            m = new
+        lse = m + mx.log(s)
+        outs.append(target - lse)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return mx.concatenate(outs), mx.concatenate(lses)
+
+
+def _mlx_fused_grads(
+    h: mx.array, w: mx.array, b: Any, y: mx.array, lse: mx.array, g: mx.array, tile: Any
+) -> Any:
+    """Gradients of ``sum(g * logps)``: each tile recomputed into ``g * (onehot - softmax)``;
+    the weight gradient written tile by tile into one ``(V, D)`` array (slice updates, not
+    one array per chunk), the hidden gradient accumulated across vocabulary tiles."""
+    rows, cols = tile
+    cd = lse.dtype
+    n, vocab = h.shape[0], w.shape[0]
+    g = g.astype(cd)
+    gh = mx.zeros(h.shape, dtype=cd)
+    gw = mx.zeros(w.shape, dtype=w.dtype)
+    gb = None if b is None else mx.zeros((vocab,), dtype=cd)
+    for v0 in range(0, vocab, cols):
+        wv = w[v0 : v0 + cols]
+        nc = wv.shape[0]
+        acc_w = acc_b = None
+        for r0 in range(0, n, rows):
+            hr, yr = h[r0 : r0 + rows], y[r0 : r0 + rows]
+            gr, lr = g[r0 : r0 + rows], lse[r0 : r0 + rows]
+            p = mx.exp(
+                _mlx_logits(hr, wv, None if b is None else b[v0 : v0 + cols], cd) - lr[:, None]
+            )
+            onehot = mx.arange(nc)[None, :] == (yr - v0)[:, None]
+            d = gr[:, None] * (onehot.astype(cd) - p)
+            dl = d.astype(h.dtype)  # the matmuls in the input dtype
+            gh[r0 : r0 + rows] = gh[r0 : r0 + rows] + (dl @ wv).astype(cd)
+            part_w = (dl.T @ hr).astype(cd)
+            acc_w = part_w if acc_w is None else acc_w + part_w
+            if gb is not None:
+                part_b = mx.sum(d, axis=0)
+                acc_b = part_b if acc_b is None else acc_b + part_b
+        gw[v0 : v0 + nc] = acc_w.astype(w.dtype)
+        if gb is not None:
+            gb[v0 : v0 + nc] = acc_b
+    return gh.astype(h.dtype), gw, None if gb is None else gb.astype(b.dtype)
+
+
+@mx.custom_function
+def _mlx_fused_linear_logps(h: mx.array, w: mx.array, b: Any, y: mx.array, tile: Any) -> Any:
+    return _mlx_fused_stats(h, w, b, y, tile)[0]
+
+
+@_mlx_fused_linear_logps.vjp
+def _mlx_fused_vjp(primals: Any, cotangent: Any, output: Any) -> Any:
+    h, w, b, y, tile = primals
+    if isinstance(cotangent, (list, tuple)):
+        (cotangent,) = cotangent
+    lse = _mlx_fused_stats(h, w, b, y, tile)[1]  # (N,): recomputed, MLX keeps no residuals
+    gh, gw, gb = _mlx_fused_grads(h, w, b, y, mx.stop_gradient(lse), cotangent, tile)
+    return gh, gw, gb, None, None
+
+
 #: The message of the error MLX raises when an array is evaluated while it is being traced.
 _TRACING = "function transformations"
 
@@ -154,6 +248,20 @@ class MlxBackend(Backend):
         if explicit:
             return self.chunked_logps(logits, labels, cdtype, *chunk)
         return self.fused_logps(logits, labels, cdtype)
+
+    def fused_linear_logps(
+        self,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        labels: Array,
+        cdtype: Any,
+        tile: tuple[int, int],
+    ) -> Array:
+        """An ``mx.custom_function`` over Python-loop tiles (``mx.grad``, ``mx.compile``): its
+        vjp recomputes the ``(N,)`` log-sum-exp and each tile, and writes the weight gradient
+        tile by tile into one ``(V, D)`` array."""
+        return _mlx_fused_linear_logps(hidden, weight, bias, labels, tuple(tile))
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:

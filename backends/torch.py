@@ -100,6 +100,203 @@ class _ChunkLogps(torch.autograd.Function):
         return gx.to(block.dtype), None, None
 
 
+def _tile_logits(h: Any, w: Any, b: Any) -> Any:
+    """``h @ w.T + b`` in the input dtype (one matmul; ``addmm`` where there is a bias)."""
+    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+
+
+def _eager(*xs: Any) -> bool:
+    """Whether the fused head may work in place: not under dynamo, functorch or a recorded
+    (``create_graph``) backward."""
+    return not (
+        torch.is_grad_enabled() or torch.compiler.is_compiling() or _is_functorch_wrapped(*xs)
+    )
+
+
+def _fused_forward(hidden: Any, weight: Any, bias: Any, labels: Any, rows: int, cols: int) -> Any:
+    """``(logps, lse, tile_lse)`` in ``cd = promote_types(dtype, float32)``: ``(N,)``,
+    ``(N,)`` and the log-sum-exp of each vocabulary tile ``(N, tiles)``.
+
+    One tile alive at a time. Eager: the tile's ``log_softmax`` (one fused pass) is written
+    over the tile itself (float32) or into one reused float32 buffer (low precision), and the
+    tile's log-sum-exp read off it as ``z[:, 0] - log_softmax(z)[:, 0]``; the log-sum-exp over
+    the vocabulary is that of the tiles'."""
+    cd = torch.promote_types(hidden.dtype, torch.float32)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    tiles = -(-vocab // cols)
+    inplace = _eager(hidden, weight)
+    low = hidden.dtype != cd
+    if inplace:
+        tile_lse = torch.empty((n, tiles), dtype=cd, device=hidden.device)
+        target = torch.empty(n, dtype=cd, device=hidden.device)
+        buf = torch.empty((min(n, rows), min(vocab, cols)), dtype=cd, device=hidden.device)
+    row_lse, row_target = [], []
+    for r0 in range(0, n, rows):
+        h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
+        parts, picked_rows = [], None
+        for k, v0 in enumerate(range(0, vocab, cols)):
+            w = weight[v0 : v0 + cols]
+            c = w.shape[0]
+            z = _tile_logits(h, w, None if bias is None else bias[v0 : v0 + cols])
+            local = y - v0
+            inside = (local >= 0) & (local < c)
+            picked = z.gather(1, local.clamp(0, c - 1)[:, None])[:, 0].to(cd)
+            picked_rows = (
+                torch.where(inside, picked, 0.0)
+                if picked_rows is None
+                else torch.where(inside, picked, picked_rows)
+            )
+            if inplace:
+                first = z[:, 0].to(cd, copy=True)  # before the tile is overwritten
+                ls = buf[: z.shape[0], :c] if low else z
+                torch.log_softmax(z, 1, dtype=cd, out=ls)
+                tile_lse[r0 : r0 + rows, k] = first - ls[:, 0]
+            else:
+                parts.append(torch.logsumexp(z.to(cd), 1))
+        if inplace:
+            target[r0 : r0 + rows] = picked_rows
+        else:
+            row_lse.append(torch.stack(parts, 1))
+            row_target.append(picked_rows)
+    if not inplace:
+        tile_lse = row_lse[0] if len(row_lse) == 1 else torch.cat(row_lse)
+        target = row_target[0] if len(row_target) == 1 else torch.cat(row_target)
+    lse = torch.logsumexp(tile_lse, 1)
+    return target - lse, lse, tile_lse
+
+
+def _fused_backward(
+    hidden: Any,
+    weight: Any,
+    bias: Any,
+    labels: Any,
+    stats: tuple[Any, Any],
+    grad: Any,
+    needs: Any,
+    tile: Any,
+) -> tuple[Any, Any, Any]:
+    """Gradients of ``sum(grad * logps)`` to ``hidden``, ``weight`` and ``bias`` (``None``
+    where not needed), vocabulary tile by tile.
+
+    Each tile is recomputed and turned into ``d = g * (onehot - p)`` with
+    ``p = softmax_tile(z) * exp(lse_tile - lse)``; eager, in place (the softmax over the tile
+    itself, or into one float32 buffer in low precision, then ``d`` cast back into the tile's
+    own buffer for the matmuls). ``d @ w`` accumulates into the hidden gradient (float32 in low
+    precision) and ``d.T @ h`` into the weight rows of the tile, written once per tile."""
+    rows, cols = tile
+    lse, tile_lse = stats
+    cd = lse.dtype
+    low = hidden.dtype != cd
+    inplace = _eager(hidden, weight, grad)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    g = grad.to(cd)
+    need_h, need_w, need_b = needs
+    gh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h and inplace else None
+    h_parts: list[Any] = [None] * -(-n // rows)  # functional mode: per row chunk
+    w_parts: list[Any] = []
+    b_parts: list[Any] = []
+    gw = torch.empty_like(weight) if need_w and inplace else None
+    gb = torch.empty(vocab, dtype=cd, device=hidden.device) if need_b and inplace else None
+    buf = (
+        torch.empty((min(n, rows), min(vocab, cols)), dtype=cd, device=hidden.device)
+        if inplace and low
+        else None
+    )
+    for k, v0 in enumerate(range(0, vocab, cols)):
+        w = weight[v0 : v0 + cols]
+        c = w.shape[0]
+        acc_w = acc_b = None
+        for r0 in range(0, n, rows):
+            h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
+            gr = g[r0 : r0 + rows]
+            scale = -gr * torch.exp(tile_lse[r0 : r0 + rows, k] - lse[r0 : r0 + rows])
+            z = _tile_logits(h, w, None if bias is None else bias[v0 : v0 + cols])
+            local = y - v0
+            inside = (local >= 0) & (local < c)
+            idx = local.clamp(0, c - 1)[:, None]
+            hit = torch.where(inside, gr, 0.0)[:, None]
+            if inplace:  # d = g * (onehot - p), in the tile's own buffer
+                p = z if buf is None else buf[: z.shape[0], :c]
+                torch.softmax(z, 1, dtype=cd, out=p)
+                d = p.mul_(scale[:, None]).scatter_add_(1, idx, hit)
+                dl = d if buf is None else z.copy_(d)  # the matmuls in the input dtype
+            else:
+                p = torch.softmax(z.to(cd), 1)
+                d = (p * scale[:, None]).scatter_add(1, idx, hit)
+                dl = d.to(hidden.dtype)
+            if need_h:
+                if inplace and not low:
+                    gh[r0 : r0 + rows].addmm_(dl, w)
+                elif inplace:
+                    gh[r0 : r0 + rows] += dl @ w
+                else:
+                    part = (dl @ w).to(cd)
+                    i = r0 // rows
+                    h_parts[i] = part if h_parts[i] is None else h_parts[i] + part
+            if need_w:
+                part_w = dl.t() @ h
+                if acc_w is None:
+                    acc_w = part_w if not low else part_w.to(cd)
+                elif inplace:
+                    acc_w += part_w
+                else:
+                    acc_w = acc_w + part_w
+            if need_b:
+                part_b = d.sum(0)
+                acc_b = part_b if acc_b is None else acc_b + part_b
+        if need_w:
+            if gw is not None:
+                gw[v0 : v0 + c] = acc_w
+            else:
+                w_parts.append(acc_w.to(weight.dtype))
+        if need_b:
+            if gb is not None:
+                gb[v0 : v0 + c] = acc_b
+            else:
+                b_parts.append(acc_b)
+    if need_w and gw is None:
+        gw = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts)
+    if need_b and gb is None:
+        gb = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts)
+    if need_h and gh is None:
+        gh = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
+    return (
+        None if gh is None else gh.to(hidden.dtype),
+        gw,
+        None if gb is None else gb.to(bias.dtype),
+    )
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """``(logps, lse, tile_lse)`` of ``log_softmax(hidden @ weight.T + bias)`` at ``labels``,
+    in tiles; differentiable in ``logps`` (to ``hidden``, ``weight`` and ``bias``). Saves the
+    inputs and the log-sum-exps ``(N,)`` and ``(N, tiles)``: nothing of size ``N * V``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Any, weight: Any, bias: Any, labels: Any, rows: int, cols: int) -> Any:
+        return _fused_forward(hidden, weight, bias, labels, rows, cols)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        hidden, weight, bias, labels, rows, cols = inputs
+        _, lse, tile_lse = output
+        ctx.mark_non_differentiable(lse, tile_lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, tile_lse)
+        ctx.tile = (rows, cols)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any, _grad_lse: Any, _grad_tiles: Any) -> Any:
+        hidden, weight, bias, labels, lse, tile_lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: the log-sum-exps as differentiable formulas
+            _, lse, tile_lse = _fused_forward(hidden, weight, bias, labels, *ctx.tile)
+        stats = (lse, tile_lse)
+        gh, gw, gb = _fused_backward(hidden, weight, bias, labels, stats, grad, needs, ctx.tile)
+        return gh, gw, gb, None, None, None
+
+
 class _AdamW:
     """``torch.optim.AdamW`` (``foreach``), updating the parameters in place (no state)."""
 
@@ -280,6 +477,23 @@ class TorchBackend(Backend):
             ]
             out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
         return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+
+    def fused_linear_logps(
+        self,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        labels: Array,
+        cdtype: Any,
+        tile: tuple[int, int],
+    ) -> Array:
+        """One ``autograd.Function`` over all the tiles: the forward keeps one tile (and its
+        float32 copy in low precision) alive at a time and saves only the ``(N,)``
+        log-sum-exp; the backward recomputes each tile and overwrites it with
+        ``g * (onehot - softmax)`` (out of place under ``torch.compile``, ``torch.func`` and
+        ``create_graph``), accumulating the weight gradient tile by tile in place."""
+        logps, _, _ = _FusedLinearLogps.apply(hidden, weight, bias, labels, *tile)
+        return logps
 
     # --- tooling ----------------------------------------------------------------------------
     def _compile(self, fn: Callable[..., Any], job: CompileJob) -> Callable[..., Any]:

@@ -24,6 +24,7 @@ from ._core import (
     scale_grad,
 )
 from ._dispatch import BACKENDS, framework_of, get_backend, is_available
+from ._fused import fused_token_logps
 from ._gate import SHAPE_DEFAULTS, Gate
 from ._logps import token_logps
 from ._validate import value_checks
@@ -58,6 +59,7 @@ __all__ = [
     "dpo_shift_loss",
     "dpop_loss",
     "framework_of",
+    "fused_token_logps",
     "gate_rejected",
     "gate_rejected_vjp",
     "gate_value",

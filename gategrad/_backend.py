@@ -125,7 +125,7 @@ class Backend(abc.ABC):
     | gradients | `scale_grad` `stop_gradient` `checkpoint` |
     | inspection | `is_concrete` `nonzero_rows` |
     | conversion | `to_numpy` `from_numpy` |
-    | kernels | `token_logps` |
+    | kernels | `token_logps` `fused_linear_logps` |
     | tooling | `compile` `value_and_grad` `vmap_value_and_grad` `vjp` `tree_map` |
     | training | `value_and_grad_fn` `adamw` `evaluate` |
     | machine | `device_like` `default_device_is_gpu` `peak_memory` `describe` `set_threads` |
@@ -374,6 +374,51 @@ class Backend(abc.ABC):
         else:  # low precision: the float32 cast is recomputed in the backward, not kept
             lse = self.checkpoint(self._lse_in(cdtype), logits)
         return self.astype(picked, cdtype) - lse
+
+    def fused_linear_logps(
+        self,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        labels: Array,
+        cdtype: Any,
+        tile: tuple[int, int],
+    ) -> Array:
+        """``log_softmax(hidden @ weight.T + bias)[n, labels[n]]`` in ``cdtype``, ``(N,)``,
+        without the ``(N, V)`` logits (:func:`gategrad.fused_token_logps`).
+
+        ``hidden`` is ``(N, D)``, ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or ``None``, ``labels``
+        ``(N,)`` valid indices; ``tile`` is ``(rows, cols)``. Default (the NumPy reference,
+        no autograd): each tile's logits in the input dtype, a running log-sum-exp in
+        ``cdtype`` across the vocabulary tiles. Frameworks with autograd override it with a
+        kernel whose backward recomputes the tiles.
+        """
+        rows, cols = tile
+        n, vocab = int(hidden.shape[0]), int(weight.shape[0])
+        out = []
+        for r0 in range(0, n, rows):
+            h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
+            m = s = target = None
+            for v0 in range(0, vocab, cols):
+                w = weight[v0 : v0 + cols]
+                z = h @ self.permute_dims(w, (1, 0))
+                if bias is not None:
+                    z = z + bias[v0 : v0 + cols]
+                z = self.astype(z, cdtype)
+                local = y - v0
+                inside = (local >= 0) & (local < int(w.shape[0]))
+                idx = self.as_index(self.where(inside, local, 0))
+                picked = self.take_along_axis(z, idx[:, None], axis=-1)[:, 0]
+                top = self.max(z, axis=-1)
+                if m is None:
+                    m, s, target = top, self.sum(self.exp(z - top[:, None])), picked
+                    target = self.where(inside, picked, 0.0)
+                    continue
+                new = self.maximum(m, top)
+                s = s * self.exp(m - new) + self.sum(self.exp(z - new[:, None]))
+                m, target = new, self.where(inside, picked, target)
+            out.append(target - (m + self.log(s)))
+        return out[0] if len(out) == 1 else self.concatenate(out, axis=0)
 
     # --- tooling (tests, lab, benchmarks) ---------------------------------------------------
     def compile(

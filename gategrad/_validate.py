@@ -207,3 +207,66 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
             f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
             "they must match (B, T)"
         )
+
+
+def check_linear_head(
+    backend: Backend,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    labels: Array,
+    mask: Array | None,
+) -> None:
+    """Static checks of :func:`gategrad.fused_token_logps`: ``hidden (B, T, D)``, an output head
+    ``weight (V, D)`` and ``bias (V,)`` of the dtype of ``hidden``, ``(B, T)`` integer labels and
+    mask."""
+    if hidden.ndim != 3:
+        raise ValueError(
+            f"hidden must have shape (B, T, D) (the last hidden state), got {tuple(hidden.shape)}"
+        )
+    require_floating(backend, hidden, "hidden")
+    if weight.ndim != 2 or int(weight.shape[1]) != int(hidden.shape[2]):
+        raise ValueError(
+            f"weight must have shape (V, D) with D = {int(hidden.shape[2])} (the last dimension "
+            f"of hidden {tuple(hidden.shape)}), got {tuple(weight.shape)}; pass the output "
+            "head's weight as stored by nn.Linear (vocabulary first)"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; the matmuls run "
+            "in the input dtype: cast one to the other"
+        )
+    if bias is not None:
+        if bias.ndim != 1 or int(bias.shape[0]) != int(weight.shape[0]):
+            raise ValueError(
+                f"bias must have shape (V,) = ({int(weight.shape[0])},) to match weight "
+                f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+            )
+        if bias.dtype != hidden.dtype:
+            raise TypeError(
+                f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}: cast it to "
+                f"{hidden.dtype}"
+            )
+    if labels.ndim != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(hidden.shape[:2])} to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(labels.shape)}"
+        )
+    if backend.is_floating(labels):
+        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
+            "they must match (B, T)"
+        )
+
+
+def check_label_range(backend: Backend, out_of_range: Array, vocab: int, ignore_index: int) -> None:
+    """Labels that count must be token ids in ``[0, V)`` (value check); ``out_of_range``
+    ``(B, T)`` marks the counted labels outside it."""
+    if found(backend, out_of_range):
+        raise ValueError(
+            f"labels hold token ids outside [0, {vocab}) at {rows(backend, _per_row(backend, out_of_range))} "
+            f"(V = {vocab} is weight.shape[0]); mark positions to ignore with ignore_index = "
+            f"{ignore_index} or mask=, and check that weight is the model's output head"
+        )
