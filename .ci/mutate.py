@@ -139,7 +139,12 @@ _CMP_NEGATE: dict[type, type] = {
     ast.In: ast.NotIn,
     ast.NotIn: ast.In,
 }
-_CMP_BOUNDARY: dict[type, type] = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
+_CMP_BOUNDARY: dict[type, type] = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+}
 _ARITH: dict[type, type] = {
     ast.Add: ast.Sub,
     ast.Sub: ast.Add,
@@ -283,7 +288,7 @@ class _Finder(ast.NodeVisitor):
 
     def visit_Compare(self, node: ast.Compare) -> None:
         for i, op in enumerate(node.ops):
-            for table, name in ((_CMP_NEGATE, "negate"), (_CMP_BOUNDARY, "boundary")):
+            for table, _name in ((_CMP_NEGATE, "negate"), (_CMP_BOUNDARY, "boundary")):
                 if type(op) in table:
                     new = copy.deepcopy(node)
                     new.ops[i] = table[type(op)]()

@@ -58,7 +58,9 @@ def _mlx_fused_stats(h: mx.array, w: mx.array, b: Any, y: mx.array, tile: Any) -
     outs, lses = [], []
     for r0 in range(0, n, rows):
         hr, yr = h[r0 : r0 + rows], y[r0 : r0 + rows]
-        m = s = target = None
+        m: Any = None
+        s: Any = None
+        target: Any = None
         for v0 in range(0, vocab, cols):
             wv = w[v0 : v0 + cols]
             nc = wv.shape[0]
@@ -96,11 +98,12 @@ def _mlx_fused_grads(
     g = g.astype(cd)
     gh = mx.zeros(h.shape, dtype=cd)
     gw = mx.zeros(w.shape, dtype=w.dtype)
-    gb = None if b is None else mx.zeros((vocab,), dtype=cd)
+    gb: Any = None if b is None else mx.zeros((vocab,), dtype=cd)
     for v0 in range(0, vocab, cols):
         wv = w[v0 : v0 + cols]
         nc = wv.shape[0]
-        acc_w = acc_b = None
+        acc_w: Any = None
+        acc_b: Any = None
         for r0 in range(0, n, rows):
             hr, yr = h[r0 : r0 + rows], y[r0 : r0 + rows]
             gr, lr = g[r0 : r0 + rows], lse[r0 : r0 + rows]

@@ -191,7 +191,9 @@ def _fused_backward(
     n, vocab = hidden.shape[0], weight.shape[0]
     g = grad.to(cd)
     need_h, need_w, need_b = needs
-    gh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h and inplace else None
+    gh: Any = (
+        torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if need_h and inplace else None
+    )
     h_parts: list[Any] = [None] * -(-n // rows)  # functional mode: per row chunk
     w_parts: list[Any] = []
     b_parts: list[Any] = []
@@ -205,7 +207,8 @@ def _fused_backward(
     for k, v0 in enumerate(range(0, vocab, cols)):
         w = weight[v0 : v0 + cols]
         c = w.shape[0]
-        acc_w = acc_b = None
+        acc_w: Any = None
+        acc_b: Any = None
         for r0 in range(0, n, rows):
             h, y = hidden[r0 : r0 + rows], labels[r0 : r0 + rows]
             gr = g[r0 : r0 + rows]

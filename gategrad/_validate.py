@@ -266,7 +266,8 @@ def check_label_range(backend: Backend, out_of_range: Array, vocab: int, ignore_
     ``(B, T)`` marks the counted labels outside it."""
     if found(backend, out_of_range):
         raise ValueError(
-            f"labels hold token ids outside [0, {vocab}) at {rows(backend, _per_row(backend, out_of_range))} "
+            f"labels hold token ids outside [0, {vocab}) at "
+            f"{rows(backend, _per_row(backend, out_of_range))} "
             f"(V = {vocab} is weight.shape[0]); mark positions to ignore with ignore_index = "
             f"{ignore_index} or mask=, and check that weight is the model's output head"
         )

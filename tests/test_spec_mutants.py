@@ -208,7 +208,9 @@ def test_masked_quantile_matches_numpy_at_the_ends(backend) -> None:
         np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-6 if backend == "mlx" else 0)
     for bad in (-0.01, 1.01, True, "0.5", None):
         with pytest.raises(ValueError, match="quantile q must be a number in"):
-            gategrad.masked_quantile(from_numpy(backend, values, f64), from_numpy(backend, mask), bad)
+            gategrad.masked_quantile(
+                from_numpy(backend, values, f64), from_numpy(backend, mask), bad
+            )
 
 
 # --- the hard gate at its threshold -----------------------------------------------------------
@@ -307,15 +309,15 @@ def test_nonzero_mask_values_count_as_one(backend) -> None:
         loss, metrics = gategrad.preference_loss(
             "sigmoid", a(lw), a(ll), a(rw), a(rl), chosen_mask=mb, rejected_mask=mb, gate=Gate()
         )
-        lp, valid = gategrad.token_logps(
-            a(logits), from_numpy(backend, labels), mb, shift=False
-        )
+        lp, valid = gategrad.token_logps(a(logits), from_numpy(backend, labels), mb, shift=False)
         seqm = gategrad.metrics.sequence_metrics(
             a(logits), from_numpy(backend, labels), mb, shift=False
         )
-        return [to_numpy(stats.p), to_numpy(loss), to_numpy(lp), to_numpy(valid)] + [
-            to_numpy(metrics[k]) for k in sorted(metrics)
-        ] + [to_numpy(seqm[k]) for k in sorted(seqm)]
+        return (
+            [to_numpy(stats.p), to_numpy(loss), to_numpy(lp), to_numpy(valid)]
+            + [to_numpy(metrics[k]) for k in sorted(metrics)]
+            + [to_numpy(seqm[k]) for k in sorted(seqm)]
+        )
 
     expected = everything(mask)
     for odd in _odd_masks(mask):
@@ -346,7 +348,10 @@ def _grads(backend: str, fn, *args):
     if not out.requires_grad:
         return [np.zeros(tuple(x.shape)) for x in leaves]
     grads = torch.autograd.grad(out, leaves, allow_unused=True)
-    return [np.zeros(tuple(x.shape)) if g is None else g.numpy() for g in grads]
+    return [
+        np.zeros(tuple(x.shape)) if g is None else g.numpy()
+        for x, g in zip(leaves, grads, strict=False)
+    ]
 
 
 @pytest.mark.parametrize("backend", AUTOGRAD)
@@ -393,7 +398,8 @@ def test_metrics_and_gate_stats_carry_no_gradient(backend) -> None:
     labels = from_numpy(backend, rng.integers(0, v, size=(b, t)))
     for key in gategrad.metrics.METRIC_NAMES:
         (g,) = _grads(
-            backend, lambda z, key=key: gategrad.metrics.sequence_metrics(z, labels)[key].sum(),
+            backend,
+            lambda z, key=key: gategrad.metrics.sequence_metrics(z, labels)[key].sum(),
             logits,
         )
         np.testing.assert_array_equal(g, 0.0, err_msg=key)
@@ -458,7 +464,7 @@ def test_double_backward_through_token_logps(backend, chunk_size) -> None:
     got = _hvp(backend, f, from_numpy(backend, logits, f64), from_numpy(backend, u, f64))
     eps = 1e-5
     safe = np.where(valid, labels, 0)
-    ref = (_np_grad(logits + eps * u, safe, valid, c) - _np_grad(logits - eps * u, safe, valid, c))
+    ref = _np_grad(logits + eps * u, safe, valid, c) - _np_grad(logits - eps * u, safe, valid, c)
     ref = ref / (2 * eps)
     tol = max(1e-8, gategrad.get_backend(backend).float64_tol) if f64 == "float64" else 1e-4
     np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max())
