@@ -38,17 +38,29 @@ class GateStats:
     ``weight``: the gate ``g`` per example ``(B,)`` or per token ``(B, T)``; ``p``: the
     estimated probability it was computed from (same shape); ``mask``: boolean ``(B, T)`` for
     token granularity, else ``None``.
+
+    Under ``jax.jit`` it is a pytree (registered by the JAX backend), so a jitted function may
+    return it. ``mx.compile`` returns only arrays and lists, tuples and dicts of them: inside the
+    compiled function use ``stats`` as usual, and return ``stats.as_dict()`` (or its fields).
     """
 
     weight: Array
     p: Array
     mask: Array | None
 
+    def as_dict(self) -> dict[str, Array]:
+        """``{"weight": ..., "p": ...}`` plus ``"mask"`` when it is not ``None`` (what
+        ``mx.compile`` can return)."""
+        out = {"weight": self.weight, "p": self.p}
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
 
 def _prepare_mask(backend: Backend, x: Array, mask: Array | None) -> Array:
     if mask is None:
         return backend.bool_mask(backend.full_like(x, 1.0))
-    check.require_array(mask, "mask")
+    check.require_mask(mask, "mask")
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)} but rejected_logps has shape "
@@ -265,7 +277,7 @@ def masked_quantile(values: Array, mask: Array, q: float) -> Array:
     if qv is None or not 0.0 <= qv <= 1.0:
         raise ValueError(f"quantile q must be a number in [0, 1], got {q!r}")
     check.require_array(values, "values")
-    check.require_array(mask, "mask")
+    check.require_mask(mask, "mask")
     ops = backend_for(values=values, mask=mask)
     if values.ndim != 2 or tuple(mask.shape) != tuple(values.shape):
         raise ValueError(

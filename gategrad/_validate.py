@@ -299,9 +299,21 @@ def check_mask_rows(backend: Backend, mask: Array, name: str) -> None:
         )
 
 
+def require_mask(mask: Any, name: str) -> None:
+    """A mask is an array of bools or real numbers (nonzero = counts)."""
+    require_array(mask, name)
+    dtype = str(mask.dtype)
+    if not any(k in dtype for k in ("bool", "int", "float")) or "complex" in dtype:
+        raise TypeError(
+            f"{name} must hold bools or numbers (nonzero = counts), got dtype {mask.dtype}"
+        )
+
+
 def check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        isinstance(chunk_size, (bool, np.bool_))
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
 
@@ -325,7 +337,7 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
     require_array(logits, "logits")
     require_array(labels, "labels")
     if mask is not None:
-        require_array(mask, "mask")
+        require_mask(mask, "mask")
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     require_floating(backend, logits, "logits")

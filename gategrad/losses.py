@@ -347,7 +347,7 @@ def preference_loss(
     for name in ("chosen_mask", "rejected_mask"):
         value = chosen_mask if name == "chosen_mask" else rejected_mask
         if value is not None:
-            check.require_array(value, name)
+            check.require_mask(value, name)
 
     mask_w, len_w = _prepare_side(
         ops, _CHOSEN, policy_chosen_logps, ref_chosen_logps, chosen_mask, chosen_lengths
