@@ -351,9 +351,7 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
             f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match logits "
             f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
         )
-    if backend.is_floating(labels) or "bool" in str(labels.dtype) or "complex" in str(
-        labels.dtype
-    ):
+    if backend.is_floating(labels) or "bool" in str(labels.dtype) or "complex" in str(labels.dtype):
         raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
     if mask is not None and tuple(mask.shape) != tuple(labels.shape):
         raise ValueError(

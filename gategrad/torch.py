@@ -69,8 +69,7 @@ def _resolve_rows(spec: RowSpec, n_rows: int, device: torch.device) -> slice | t
         if spec.dtype == torch.bool:
             if tuple(spec.shape) != (n_rows,):
                 raise ValueError(
-                    f"a boolean rejected_rows must have shape ({n_rows},), got "
-                    f"{tuple(spec.shape)}"
+                    f"a boolean rejected_rows must have shape ({n_rows},), got {tuple(spec.shape)}"
                 )
             if n_rows > 0 and not bool(spec.any()):
                 raise ValueError("the boolean rejected_rows selects no row; mark at least one")
