@@ -64,7 +64,8 @@ def token_logps(
         ``(logps, mask)``: the per-token log-probs in ``promote_types(logits.dtype, float32)``,
         ``0`` at positions that do not count, and the boolean mask actually used
         (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
-        ``shift=True``. ``B = 0`` or no position left (``T = 0``) gives empty arrays. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
+        ``shift=True``. ``B = 0`` or no position left (``T = 0``) gives empty arrays.
+        Sum ``logps`` over the last axis for per-sequence log-probs, or pass
         both to :func:`gategrad.preference_loss` (``*_logps`` and ``*_mask``).
 
     Memory and speed: no second ``(B, T, V)`` buffer besides the logits (and, under autograd,

@@ -144,7 +144,8 @@ def masked_quantile(values: Array, mask: Array, q: float, ops: Backend) -> Array
     """Quantile ``q`` of each row's masked values, as ``numpy.quantile(row[mask], q)``.
 
     ``values`` and boolean ``mask`` have shape ``(B, T)``; every row needs one valid entry
-    (callers refuse empty rows eagerly; under tracing an empty row gives 0). Returns ``(B,)``. Matches NumPy's default (linear) method exactly, including its
+    (callers refuse empty rows eagerly; under tracing an empty row gives 0). Returns ``(B,)``.
+    Matches NumPy's default (linear) method exactly, including its
     two-sided lerp: ``a + (b - a) * t`` for ``t < 0.5`` and ``b - (b - a) * (1 - t)`` otherwise.
     """
     length = values.shape[-1]
