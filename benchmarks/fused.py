@@ -210,7 +210,7 @@ def measure(
     for name, fn in fns.items():
         peak = framework_peak(ops, fn, compiled=getattr(fn, "compiled", None))
         if peak:
-            extra = held if backend != "jax" else 0  # XLA's temporaries exclude the outputs
+            extra = 0 if ops.traces else held  # traced (XLA) memory stats exclude the outputs
             peak["compute_mib"] = peak["increment_mib"] - extra / 2**20
         rows[name] = {"memory": peak}
     times = interleave(fns, reps)

@@ -177,15 +177,18 @@ def test_toy_step_gradient_is_the_finite_difference_of_the_loss():
     cfg.toy.n_train = 6
     data = make_toy_data(cfg, 0)
     params = {k: v.copy() for k, v in data.params0.items()}
+    def pick(logp, targets):  # (N, L, V), (N, L) -> the response log-prob (N,)
+        return np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0].sum(-1)
+
     logp0 = ng.log_softmax(data.x_train @ params["W"] + params["b"])
-    ref = (ng.pick(logp0, data.chosen_train) + 0.3, ng.pick(logp0, data.rejected_train) - 0.2)
+    ref = (pick(logp0, data.chosen_train) + 0.3, pick(logp0, data.rejected_train) - 0.2)
 
     def loss_of(w):
         logp = ng.log_softmax(data.x_train @ w + params["b"])
         loss, _ = preference_loss(
             "cal_dpo",
-            ng.pick(logp, data.chosen_train),
-            ng.pick(logp, data.rejected_train),
+            pick(logp, data.chosen_train),
+            pick(logp, data.rejected_train),
             ref[0],
             ref[1],
             beta=0.1,
