@@ -177,6 +177,7 @@ def test_toy_step_gradient_is_the_finite_difference_of_the_loss():
     cfg.toy.n_train = 6
     data = make_toy_data(cfg, 0)
     params = {k: v.copy() for k, v in data.params0.items()}
+
     def pick(logp, targets):  # (N, L, V), (N, L) -> the response log-prob (N,)
         return np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0].sum(-1)
 
