@@ -195,18 +195,7 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     require_floating(backend, logits, "logits")
-    if labels.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match logits "
-            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
-        )
-    if backend.is_floating(labels):
-        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
-            "they must match (B, T)"
-        )
+    _check_labels_mask(backend, labels, mask, logits, "logits")
 
 
 def check_linear_head(
@@ -247,18 +236,7 @@ def check_linear_head(
                 f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}: cast it to "
                 f"{hidden.dtype}"
             )
-    if labels.ndim != 2 or tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(
-            f"labels must have shape (B, T) = {tuple(hidden.shape[:2])} to match hidden "
-            f"{tuple(hidden.shape)}, got {tuple(labels.shape)}"
-        )
-    if backend.is_floating(labels):
-        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
-            "they must match (B, T)"
-        )
+    _check_labels_mask(backend, labels, mask, hidden, "hidden")
 
 
 def check_label_range(backend: Backend, out_of_range: Array, vocab: int, ignore_index: int) -> None:
@@ -270,4 +248,23 @@ def check_label_range(backend: Backend, out_of_range: Array, vocab: int, ignore_
             f"{rows(backend, _per_row(backend, out_of_range))} "
             f"(V = {vocab} is weight.shape[0]); mark positions to ignore with ignore_index = "
             f"{ignore_index} or mask=, and check that weight is the model's output head"
+        )
+
+
+def _check_labels_mask(
+    backend: Backend, labels: Array, mask: Array | None, like: Array, like_name: str
+) -> None:
+    """``labels`` integer ``(B, T)`` matching the first two axes of ``like`` (``like_name``:
+    the logits or the hidden state), and ``mask``, when given, of the shape of ``labels``."""
+    if labels.ndim != 2 or tuple(labels.shape) != tuple(like.shape[:2]):
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(like.shape[:2])} to match {like_name} "
+            f"{tuple(like.shape)}, got {tuple(labels.shape)}"
+        )
+    if backend.is_floating(labels):
+        raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
+            "they must match (B, T)"
         )
