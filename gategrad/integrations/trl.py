@@ -35,13 +35,14 @@ of defence, a training step in which the hook never ran raises ``RuntimeError``.
 Tested with TRL 1.14 (logits) and 1.16 (fused ``log_probs``); see ``TESTED_TRL``.
 
 ``attach(trainer, gate, fused=True)`` also replaces TRL's LM head on the policy (and on the
-reference model) by [`gategrad.fused_token_logps`][]: TRL 1.15/1.16's own fused head projects
-tiles of 4096 positions by 32768 vocabulary entries (512 MiB in float32), which at
-``V <= 32768`` and ``2B (T - 1) <= 4096`` is as large as the full ``(2B, T-1, V)`` logits
-(larger for a smaller vocabulary); gategrad's head keeps tiles of at most 4 Mi logits (16 MiB
-in float32) in the forward and the backward. TRL's loss code is unchanged, and the gate acts on
-the rejected rows of the ``log_probs`` exactly as without ``fused``. See [`attach`][] for the
-configurations it supports.
+reference model) by `gategrad.fused_token_logps`. TRL 1.16's own fused head projects into one
+buffer of ``min(N, 4096)`` positions by 32768 vocabulary entries (``N`` the scored positions:
+the counted ones with Triton, all ``2B (T - 1)`` elsewhere), as large as the full logits or
+larger whenever ``N <= 4096`` and ``V <= 32768``; its CPU fallback adds several temporaries of
+that size. gategrad's head keeps tiles of at most 4 Mi logits (16 MiB in float32) in the
+forward and the backward. TRL's loss code is unchanged, and the gate acts on the rejected rows
+of the ``log_probs`` exactly as without ``fused``. See [`attach`][] for the configurations it
+supports.
 """
 
 from __future__ import annotations
@@ -384,7 +385,7 @@ class FusedHead:
     fused_lm_head=True)`` runs the backbone and returns a ``FusedCausalLMOutput``. This class
     wraps that patch: with ``fused_lm_head=True`` it runs the same backbone, then
 
-    - ``log_probs`` and ``label_mask``: [`gategrad.fused_token_logps`][] on the last hidden state
+    - ``log_probs`` and ``label_mask``: `gategrad.fused_token_logps` on the last hidden state
       and ``lm_head.weight``/``bias`` (``shift=True``, or ``shift=False`` with TRL's pre-shifted
       ``shift_labels``), differentiable to the hidden state, the weight and the bias; its tiles
       hold at most ``TILE_ELEMENTS`` logits (``chunk_size`` positions by the vocabulary width
@@ -406,7 +407,7 @@ class FusedHead:
         modules: the patched modules (the policy, or its base model under PEFT, and the
             reference model when the trainer has one).
         chunk_size: positions per tile (``None``: the default plan of
-            [`gategrad.fused_token_logps`][]).
+            `gategrad.fused_token_logps`).
     """
 
     def __init__(self, trainer: Any, chunk_size: int | None = None) -> None:
@@ -569,7 +570,7 @@ def attach(
     """Gate the rejected responses of a TRL ``DPOTrainer`` (one call, before ``train()``).
 
     With ``fused=True`` the policy's (and the reference model's) per-token log-probs come from
-    [`gategrad.fused_token_logps`][] on the last hidden state and ``lm_head.weight``/``bias``:
+    `gategrad.fused_token_logps` on the last hidden state and ``lm_head.weight``/``bias``:
     no ``(2B, T, V)`` logits, nor a tile as large, exist in the forward or the backward (see
     [`FusedHead`][]). TRL's loss, metrics and the gate are otherwise unchanged.
 
@@ -581,13 +582,20 @@ def attach(
     | processes | one (tested); DDP, DeepSpeed ZeRO-1/2 (untested) |
     | refused | TRL < 1.15, logit soft-capping/scaling, MoE aux loss, FSDP, ZeRO-3 |
 
+    ``fused=True`` routes around Liger rather than through it: Liger's fused linear DPO loss
+    (``use_liger_loss``, and ``use_liger_kernel`` on TRL < 1.15) computes the loss inside its
+    kernel from the hidden states and never surfaces per-token log-probs, so there is nothing
+    for the gate to multiply; those stay refused. On TRL >= 1.15 ``use_liger_kernel`` applies
+    only Liger's layer kernels, which leave the forward to TRL's patch (allowed; untested here,
+    Liger is not installed).
+
     Args:
         trainer: an existing ``trl.DPOTrainer`` (or subclass).
         gate: the [`Gate`][gategrad.Gate]; default ``Gate()`` (the paper's sigmoid gate).
         fused: compute the log-probs with gategrad's fused head (the memory saving of a fused
             LM head together with the gate).
         chunk_size: with ``fused=True``, positions per tile, as in
-            [`gategrad.fused_token_logps`][]; ``None``: its default plan (tiles of at most 4 Mi
+            `gategrad.fused_token_logps`; ``None``: its default plan (tiles of at most 4 Mi
             logits).
         log_metrics: add ``gate/*`` metrics to the trainer's logs.
 
