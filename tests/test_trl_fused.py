@@ -264,7 +264,7 @@ def test_real_gate_fused_equals_unfused_gated(base, tmp_path, plain, fused_one, 
 
 def test_gate_zero_fused_drops_the_rejected_gradient(base, tmp_path):
     trainer, capture = make_trainer(base, tmp_path / "gated")
-    attach(trainer, GATE_ZERO, fused=True, chunk_size=CHUNK)
+    attach(trainer, GATE_ZERO, fused=True)  # the default tile plan
     logs, _ = train(trainer)
     ref_trainer, ref_capture = make_trainer(base, tmp_path / "detached")
     handle = detach_rejected(ref_trainer)  # plain TRL, rejected log-probs detached by the test

@@ -578,7 +578,7 @@ def attach(
     |---|---|
     | TRL | ``>= 1.15`` (``model(..., fused_lm_head=True)``); tested on 1.16 |
     | losses | TRL's own loss code, so every ``loss_type``; tested: sigmoid, WPO weights |
-    | models | causal LMs whose logits are ``hidden @ lm_head.weight.T + bias`` |
+    | models | causal LMs with logits ``hidden @ lm_head.weight.T + bias``; PEFT (untested) |
     | processes | one (tested); DDP, DeepSpeed ZeRO-1/2 (untested) |
     | refused | TRL < 1.15, logit soft-capping/scaling, MoE aux loss, FSDP, ZeRO-3 |
 
