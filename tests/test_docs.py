@@ -434,12 +434,33 @@ def long_code_lines(page: str, width: int = CODE_COLUMN) -> list[str]:
     return bad
 
 
+_API_HEADING = re.compile(r'<h([1-6]) id="([\w.]+)" class="doc doc-heading">(.*?)</h\1>', re.S)
+_NOT_PROSE = re.compile(
+    r"<pre\b.*?</pre>|<a\b.*?</a>|<h([1-6])\b.*?</h\1>"
+    r'|<tr class="doc-section-item">\s*<td>.*?</td>',
+    re.S,
+)
+
+
+def unlinked_api_names(page: str) -> list[str]:
+    """Inline code that is the bare name of a function or class documented on the page (with
+    one shortest path) but is not a link to it (docs/hooks.py links those)."""
+    depths: dict[str, list[int]] = {}
+    for m in _API_HEADING.finditer(page):
+        if re.search(r"doc-symbol-(?:function|class)\b", m.group(3)):
+            depths.setdefault(m.group(2).rsplit(".", 1)[-1], []).append(m.group(2).count("."))
+    names = {n for n, found in depths.items() if found.count(min(found)) == 1}
+    found = re.findall(r"<code>([A-Za-z_]\w*)(?:\([^<]*\))?</code>", _NOT_PROSE.sub("", page))
+    return sorted({f for f in found if f in names})
+
+
 SITE_CHECKS = {
     "reST table rules": rest_table_rules,
     "reST '::' paragraphs": lone_double_colons,
     "reST ``literals``": rest_inline_literals,
     "Returns sections with more than one entry": returns_with_more_than_one_entry,
     "parameters shown wrongly": parameter_faults,
+    "API names left as plain code": unlinked_api_names,
 }
 
 
@@ -515,6 +536,12 @@ def test_site_checkers_catch_planted_faults() -> None:
     }
     for check, page in planted.items():
         assert check(page.format(long_output="o")), f"{check.__name__} missed its fault"
+    heading = (
+        '<h2 id="gategrad.f" class="doc doc-heading">'
+        '<code class="doc-symbol doc-symbol-heading doc-symbol-function"></code> f</h2>'
+    )
+    assert unlinked_api_names(heading + '<p><a href="#gategrad.f"><code>f</code></a></p>') == []
+    assert unlinked_api_names(heading + "<p>see <code>f(x)</code></p>") == ["f"]
     grouped = _GOOD_PAGE.replace("<code>b</code>", "<code>b, c</code>")
     assert parameter_faults(grouped) == ["grouped parameters 'b, c'"]
     required = _GOOD_PAGE.replace("<td><code>None</code></td>", "<td><em>required</em></td>")
