@@ -55,15 +55,16 @@ class _ScaleGrad(torch.autograd.Function):
     modified inplace"). Now in-place ops on the output work and differentiate correctly
     (tests/test_torch_hook.py); they also write into ``x``, like any alias, and autograd's
     version counter (shared by ``detach``) still refuses a backward through an op that saved
-    ``x``. A leaf that requires grad keeps the view, so an in-place op cannot silently change a
-    parameter's data.
+    ``x``. In eager mode a leaf that requires grad keeps the view, so an in-place op cannot
+    silently change a parameter's data.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and x.grad_fn is None:  # a leaf: keep autograd's view checks
+        # a leaf in eager mode keeps autograd's view checks (dynamo cannot read is_leaf here)
+        if not torch.compiler.is_compiling() and x.requires_grad and x.is_leaf:
             return x.view_as(x)
         return x.detach()
 
