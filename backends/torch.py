@@ -46,13 +46,27 @@ def _is_functorch_wrapped(*xs: torch.Tensor) -> bool:
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward ``w * grad`` (``w`` is not differentiated)."""
+    """Identity forward; backward ``w * grad`` (``w`` is not differentiated).
+
+    The output shares ``x``'s storage (no copy: gating full logits costs no memory) but is not
+    a view of it: ``x.detach()`` in the forward, where autograd records no view. A view
+    (``x.view_as(x)``) made FSDP2 warn that the wrapped module "returned a view tensor" and made
+    any in-place op on the gated output raise ("Output 0 of _ScaleGrad is a view and is being
+    modified inplace"). Now in-place ops on the output work and differentiate correctly
+    (tests/test_torch_hook.py); they also write into ``x``, like any alias, and autograd's
+    version counter (shared by ``detach``) still refuses a backward through an op that saved
+    ``x``. In eager mode a leaf that requires grad keeps the view, so an in-place op cannot
+    silently change a parameter's data.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+        # a leaf in eager mode keeps autograd's view checks (dynamo cannot read is_leaf here)
+        if not torch.compiler.is_compiling() and x.requires_grad and x.is_leaf:
+            return x.view_as(x)
+        return x.detach()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -5,6 +5,9 @@
   (headings, code blocks and existing links are left alone). Names the API reference does not
   document stay plain code. Docstrings write explicit cross-references instead
   (``[`preference_loss`][]``, resolved in the docstring's scope).
+- On the API page, inline code that is the bare name of a function or class documented on
+  that page (``preference_loss``, ``scale_grad(x, w)``) links to it too, when the name is
+  unambiguous (methods and attributes are not linked by bare name).
 - reStructuredText that Markdown renders as text (Sphinx roles such as ``:func:``, simple-table
   rules ``=====``, a ``::`` paragraph) is a warning, so ``mkdocs build --strict`` fails on it.
   tests/test_docs.py checks the built pages in more detail.
@@ -35,6 +38,45 @@ _LEFTOVERS = {
 }
 
 
+# an API heading: <h3 id="gategrad.scale_grad" class="doc doc-heading"> ... doc-symbol-function
+_HEADING = re.compile(r'<h([1-6]) id="([\w.]+)" class="doc doc-heading">(.*?)</h\1>', re.S)
+_BARE = re.compile(r"<code>([A-Za-z_]\w*)(\([^<]*\))?</code>")
+# also left alone on the API page: the name column of parameter and attribute tables
+_NAME_CELL = re.compile(r'<tr class="doc-section-item">\s*<td>.*?</td>', re.S)
+
+
+def _bare_targets(html: str) -> dict[str, str]:
+    """Bare name -> id of the functions and classes documented on a page (unambiguous ones)."""
+    ids: dict[str, list[str]] = {}
+    for m in _HEADING.finditer(html):
+        if re.search(r"doc-symbol-(?:function|class)\b", m.group(3)):
+            ids.setdefault(m.group(2).rsplit(".", 1)[-1], []).append(m.group(2))
+    targets = {}
+    for name, found in ids.items():
+        shortest = min(found, key=lambda i: i.count("."))
+        if sum(i.count(".") == shortest.count(".") for i in found) == 1:
+            targets[name] = shortest  # a re-export documented twice: its shortest path
+    return targets
+
+
+def _link_bare(html: str, targets: dict[str, str]) -> str:
+    def link(match: re.Match[str]) -> str:
+        target = targets.get(match.group(1))
+        if target is None:
+            return match.group(0)
+        return f'<autoref identifier="{target}" optional>{match.group(0)}</autoref>'
+
+    parts: list[str] = []
+    last = 0
+    skip = re.compile(f"{_SKIP.pattern}|{_NAME_CELL.pattern}", re.S)
+    for region in skip.finditer(html):
+        parts.append(_BARE.sub(link, html[last : region.start()]))
+        parts.append(region.group(0))
+        last = region.end()
+    parts.append(_BARE.sub(link, html[last:]))
+    return "".join(parts)
+
+
 def _link(match: re.Match[str]) -> str:
     name, call = match.group(1), match.group(2) or ""
     return f'<autoref identifier="{name}" optional><code>{name}{call}</code></autoref>'
@@ -53,4 +95,7 @@ def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
         parts.append(skip.group(0))
         last = skip.end()
     parts.append(_CODE.sub(_link, html[last:]))
-    return "".join(parts)
+    html = "".join(parts)
+    if page.file.src_uri == "api.md":
+        html = _link_bare(html, _bare_targets(html))
+    return html

@@ -61,8 +61,9 @@ def token_logps(
             ``CHUNK_ELEMENTS`` logits (over rows, and over time when one row is larger).
 
     Returns:
-        ``(logps, mask)``: the per-token log-probs in ``promote_types(logits.dtype, float32)``,
-        ``0`` at positions that do not count, and the boolean mask actually used
+        The pair ``(logps, mask)``. ``logps`` holds the per-token log-probs in
+        ``promote_types(logits.dtype, float32)``, ``0`` at positions that do not count;
+        ``mask`` is the boolean mask actually used
         (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
         ``shift=True``. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
         both to [`gategrad.preference_loss`][] (``*_logps`` and ``*_mask``).

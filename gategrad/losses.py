@@ -274,8 +274,9 @@ def preference_loss(
             ``dpop_lambda`` (``dpop``, default 50).
 
     Returns:
-        ``(loss, metrics)``: the mean loss, a scalar array of the inputs' framework in
-        ``promote_types(dtype, float32)``, and a dict of scalar arrays without gradient:
+        The pair ``(loss, metrics)``. ``loss`` is the mean loss, a scalar array of the inputs'
+        framework in ``promote_types(dtype, float32)``; ``metrics`` a dict of scalar arrays
+        without gradient:
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
         ``logps/chosen``, ``logps/rejected`` (TRL's names and definitions) and, with a gate,
         ``gate/mean``, ``gate/frac_below_half`` (fraction of examples, or of masked tokens,
@@ -437,7 +438,7 @@ def stacked_preference_loss(
             type's own parameters...).
 
     Returns:
-        ``(loss, metrics)`` as [`preference_loss`][].
+        The pair ``(loss, metrics)``, as [`preference_loss`][] returns it.
     """
     rows = int(policy_logps.shape[0]) if getattr(policy_logps, "ndim", 0) >= 1 else -1
     if rows < 0 or rows % 2:

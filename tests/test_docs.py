@@ -16,7 +16,10 @@ Rules for a fenced block (checked below):
 
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
+import html as html_lib
 import importlib.util
 import json
 import os
@@ -270,11 +273,13 @@ def test_python_blocks_run(page: str, tmp_path: Path) -> None:
 # the site
 
 
-@pytest.mark.slow
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once per session with ``mkdocs build --strict`` (any warning fails)."""
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         _require(module)
-    site = tmp_path / "site"
+    tmp = tmp_path_factory.mktemp("docs")
+    site = tmp / "site"
     out = subprocess.run(
         [
             sys.executable,
@@ -287,14 +292,320 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
             "-d",
             str(site),
         ],
-        cwd=tmp_path,
+        cwd=tmp,
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert out.returncode == 0, f"mkdocs build --strict failed:\n{out.stdout}\n{out.stderr}"
+    return site
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(site: Path) -> None:
     assert (site / "index.html").is_file()
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("gategrad.gate_rejected", "gategrad.Gate", "gategrad.backends.numpy"):
+    for name in (
+        "gategrad.gate_rejected",
+        "gategrad.Gate",
+        "gategrad.backends.numpy",
+        "gategrad.integrations.mlx_lm_lora.train_dpo",
+    ):
         assert name in api, f"the API reference does not document {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# the rendered site: what mkdocstrings and Markdown made of the pages
+#
+# Each checker takes a page's HTML and returns what is wrong (empty when nothing is); the
+# tests below run them on the built site, and test_site_checkers_catch_planted_faults on
+# crafted HTML, so that a checker that never fires cannot pass unnoticed.
+
+#: The code column, in characters: docs/assets/extra.css sizes the code font so that 88
+#: monospace characters fit the 688 px content column (at 1280 px), and mkdocs.yml asks
+#: mkdocstrings to format signatures to the same width (line_length).
+CODE_COLUMN = 88
+
+_PRE = re.compile(r"<pre\b.*?</pre>", re.S)
+_TAGS = re.compile(r"<[^>]+>")
+_SECTION = re.compile(
+    r'<span class="doc-section-title">(?P<title>[\w ]+):</span>\s*</p>\s*'
+    r"(?P<body><table>.*?</table>|<ul>.*?</ul>)",
+    re.S,
+)
+_ITEM = re.compile(r'<tr class="doc-section-item">(.*?)</tr>|<li\b.*?</li>', re.S)
+_SIGNATURE = re.compile(r'<div class="[^"]*\bdoc-signature\b[^"]*">\s*(<pre\b.*?</pre>)', re.S)
+# a highlighted block: <div class="language-python highlight"><pre>...</pre>
+_BLOCK = re.compile(
+    r'<div class="(?P<cls>[^"]*\bhighlight\b[^"]*)"[^>]*>\s*(?P<pre><pre\b.*?</pre>)', re.S
+)
+
+
+def _plain(fragment: str) -> str:
+    return html_lib.unescape(_TAGS.sub("", fragment))
+
+
+def _prose(page: str) -> str:
+    """The page's HTML without its code blocks."""
+    return _PRE.sub("", page)
+
+
+def _context(text: str, start: int, end: int) -> str:
+    fragment = re.sub(r"^[^<]*>|<[^>]*$", "", text[max(0, start - 80) : end + 80])
+    return " ".join(_plain(fragment).split())
+
+
+def rest_table_rules(page: str) -> list[str]:
+    """Rows of ``=====`` outside code blocks: reST simple tables rendered as paragraphs."""
+    prose = _prose(page)
+    return [_context(prose, m.start(), m.end()) for m in re.finditer(r"={5,}", prose)]
+
+
+def lone_double_colons(page: str) -> list[str]:
+    """Paragraphs that are ``::`` or end in `` ::``: reST literal-block markers."""
+    prose = _prose(page)
+    found = re.finditer(r"<p>\s*::\s*</p>|\s::\s*</p>", prose)
+    return [_context(prose, m.start(), m.end()) for m in found]
+
+
+def rest_inline_literals(page: str) -> list[str]:
+    """Double backticks left in the text (reST ``literal``), outside code blocks."""
+    prose = _prose(page)
+    return [_context(prose, m.start(), m.end()) for m in re.finditer(r"``[^`]*``", prose)]
+
+
+def returns_with_more_than_one_entry(page: str) -> list[str]:
+    """Returns sections with other than one entry (a description split into rows)."""
+    bad = []
+    for m in _SECTION.finditer(page):
+        if m["title"] == "Returns":
+            items = _ITEM.findall(m["body"])
+            if len(items) != 1:
+                bad.append(f"{len(items)} entries: {_context(page, m.start(), m.end())[:300]}")
+    return bad
+
+
+def _defaults(signature_html: str) -> set[str]:
+    """The parameters that have a default in a rendered signature."""
+    text = _plain(signature_html).strip()
+    source = "def f" + text[text.index("(") :] + ": pass"
+    try:
+        args = ast.parse(source).body[0].args  # type: ignore[attr-defined]
+    except SyntaxError as err:
+        raise AssertionError(f"cannot parse the rendered signature {text!r}: {err}") from err
+    positional = [*args.posonlyargs, *args.args]
+    named = positional[len(positional) - len(args.defaults) :]
+    named += [a for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None]
+    return {a.arg for a in named}
+
+
+def parameter_faults(page: str) -> list[str]:
+    """Parameters rows that name several parameters (``a, b``: griffe cannot match them to
+    the signature, so they show no type and "required") or that say "required" for a
+    parameter whose signature (the nearest one above the section) gives it a default."""
+    bad = []
+    signatures = [(m.start(), m.group(1)) for m in _SIGNATURE.finditer(page)]
+    for m in _SECTION.finditer(page):
+        if m["title"] != "Parameters":
+            continue
+        above = [sig for start, sig in signatures if start < m.start()]
+        defaults = _defaults(above[-1]) if above else set()
+        for row in re.findall(r'<tr class="doc-section-item">(.*?)</tr>', m["body"], re.S):
+            cells = re.findall(r"<td>(.*?)</td>", row, re.S)
+            name = _plain(cells[0]).strip()
+            if not re.fullmatch(r"\*{0,2}\w+", name):
+                bad.append(f"grouped parameters {name!r}")
+            elif "required" in _plain(cells[-1]) and name in defaults:
+                bad.append(f"{name!r} is shown as required but has a default")
+    return bad
+
+
+def long_code_lines(page: str, width: int = CODE_COLUMN) -> list[str]:
+    """Lines of code blocks (signatures included) longer than the column. Output blocks
+    (``text``) wrap (docs/assets/extra.css) and are not counted."""
+    bad = []
+    for m in _BLOCK.finditer(page):
+        if "language-text" in m["cls"].split():
+            continue
+        for line in _plain(m["pre"]).splitlines():
+            if len(line) > width:
+                bad.append(f"{len(line)} > {width}: {line}")
+    return bad
+
+
+_API_HEADING = re.compile(r'<h([1-6]) id="([\w.]+)" class="doc doc-heading">(.*?)</h\1>', re.S)
+_NOT_PROSE = re.compile(
+    r"<pre\b.*?</pre>|<a\b.*?</a>|<h([1-6])\b.*?</h\1>"
+    r'|<tr class="doc-section-item">\s*<td>.*?</td>',
+    re.S,
+)
+
+
+def unlinked_api_names(page: str) -> list[str]:
+    """Inline code that is the bare name of a function or class documented on the page (with
+    one shortest path) but is not a link to it (docs/hooks.py links those)."""
+    depths: dict[str, list[int]] = {}
+    for m in _API_HEADING.finditer(page):
+        if re.search(r"doc-symbol-(?:function|class)\b", m.group(3)):
+            depths.setdefault(m.group(2).rsplit(".", 1)[-1], []).append(m.group(2).count("."))
+    names = {n for n, found in depths.items() if found.count(min(found)) == 1}
+    found = re.findall(r"<code>([A-Za-z_]\w*)(?:\([^<]*\))?</code>", _NOT_PROSE.sub("", page))
+    return sorted({f for f in found if f in names})
+
+
+SITE_CHECKS = {
+    "reST table rules": rest_table_rules,
+    "reST '::' paragraphs": lone_double_colons,
+    "reST ``literals``": rest_inline_literals,
+    "Returns sections with more than one entry": returns_with_more_than_one_entry,
+    "parameters shown wrongly": parameter_faults,
+    "API names left as plain code": unlinked_api_names,
+}
+
+
+def _pages(site: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(site)): p.read_text(encoding="utf-8")
+        for p in sorted(site.rglob("*.html"))
+        if p.name == "index.html" and "assets" not in p.parts
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", SITE_CHECKS, ids=lambda name: name.replace(" ", "_"))
+def test_rendered_api_reference(site: Path, check: str) -> None:
+    api = (site / "api" / "index.html").read_text(encoding="utf-8")
+    assert _SECTION.search(api), "no docstring sections found: has mkdocstrings' HTML changed?"
+    assert _SIGNATURE.search(api), "no signatures found: has mkdocstrings' HTML changed?"
+    found = SITE_CHECKS[check](api)
+    assert not found, f"the API page has {check}:\n" + "\n".join(found[:20])
+
+
+@pytest.mark.slow
+def test_rendered_code_fits_the_column(site: Path) -> None:
+    pages = _pages(site)
+    assert "api/index.html" in pages and "integrations/index.html" in pages
+    found = [f"{name}: {line}" for name, page in pages.items() for line in long_code_lines(page)]
+    assert not found, (
+        f"code lines wider than the {CODE_COLUMN}-character column (they scroll and hide "
+        "arguments; wrap them):\n" + "\n".join(found[:40])
+    )
+
+
+_GOOD_PAGE = """
+<h2 id="gategrad.f">f</h2>
+<div class="language-python doc-signature highlight"><pre><span></span><code>f(
+    a: int,
+    b: <span>Array</span> | None = None,
+    *,
+    c: str = &quot;x&quot;,
+) -&gt; tuple[int, int]
+</code></pre></div>
+<p><span class="doc-section-title">Parameters:</span></p>
+<table><tbody>
+<tr class="doc-section-item"><td><code>a</code></td><td>int</td><td>a</td>
+<td><em>required</em></td></tr>
+<tr class="doc-section-item"><td><code>b</code></td><td>Array</td><td>b</td>
+<td><code>None</code></td></tr>
+</tbody></table>
+<p><span class="doc-section-title">Returns:</span></p>
+<table><tbody>
+<tr class="doc-section-item"><td>tuple</td><td><p>the pair; a long description that wraps
+over two lines</p></td></tr>
+</tbody></table>
+<div class="language-text highlight"><pre><code>{long_output}</code></pre></div>
+<div class="language-python highlight"><pre><code>x = 1  # ====== in code is fine ::
+</code></pre></div>
+"""
+
+
+def test_site_checkers_catch_planted_faults() -> None:
+    good = _GOOD_PAGE.format(long_output="o" * 200)  # output blocks wrap: not counted
+    for name, check in {**SITE_CHECKS, "long code lines": long_code_lines}.items():
+        assert check(good) == [], (name, check(good))
+    planted = {
+        rest_table_rules: "<p>name ===== value ===== </p>",
+        lone_double_colons: "<p>For example ::</p>",
+        rest_inline_literals: "<td><code>``(loss, metrics)``</code></td>",
+        returns_with_more_than_one_entry: _GOOD_PAGE.replace(
+            "over two lines</p></td></tr>",
+            'over</p></td></tr><tr class="doc-section-item"><td>two</td><td>lines</td></tr>',
+        ),
+        long_code_lines: _GOOD_PAGE.replace("x = 1", "x = " + "1 + " * 30 + "1"),
+    }
+    for check, page in planted.items():
+        assert check(page.format(long_output="o")), f"{check.__name__} missed its fault"
+    heading = (
+        '<h2 id="gategrad.f" class="doc doc-heading">'
+        '<code class="doc-symbol doc-symbol-heading doc-symbol-function"></code> f</h2>'
+    )
+    assert unlinked_api_names(heading + '<p><a href="#gategrad.f"><code>f</code></a></p>') == []
+    assert unlinked_api_names(heading + "<p>see <code>f(x)</code></p>") == ["f"]
+    grouped = _GOOD_PAGE.replace("<code>b</code>", "<code>b, c</code>")
+    assert parameter_faults(grouped) == ["grouped parameters 'b, c'"]
+    required = _GOOD_PAGE.replace("<td><code>None</code></td>", "<td><em>required</em></td>")
+    assert parameter_faults(required) == ["'b' is shown as required but has a default"]
+    signature = _SIGNATURE.search(_GOOD_PAGE)
+    assert signature is not None and _defaults(signature.group(1)) == {"b", "c"}
+    # signatures are code blocks too
+    narrow = long_code_lines(_GOOD_PAGE.format(long_output="o"), width=20)
+    assert any("b: Array | None = None," in line for line in narrow), narrow
+
+
+# --------------------------------------------------------------------------------------------
+# excerpts: a block that is not run because a script in examples/ is its runnable version uses
+# only names that script defines (the excerpt cannot drift into undefined names)
+
+_EXAMPLE = re.compile(r"examples/(\w+\.py)")
+
+
+def _bound_and_loaded(tree: ast.AST) -> tuple[set[str], set[str]]:
+    bound: set[str] = set()
+    loaded: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    return bound, loaded
+
+
+def undefined_names(snippet: str, script: str) -> list[str]:
+    """Names the snippet uses that neither it, the script nor Python's builtins define."""
+    bound, loaded = _bound_and_loaded(ast.parse(snippet))
+    defined, _ = _bound_and_loaded(ast.parse(script))
+    return sorted(loaded - bound - defined - set(dir(builtins)))
+
+
+def _excerpts() -> list[Block]:
+    return [b for b in _all_blocks() if b.lang in RUN_LANGS and _EXAMPLE.search(b.not_run or "")]
+
+
+def test_excerpts_use_only_names_their_example_defines() -> None:
+    excerpts = _excerpts()
+    assert any("trl_dpo_gated.py" in (b.not_run or "") for b in excerpts), "no TRL excerpt found"
+    for block in excerpts:
+        name = _EXAMPLE.search(block.not_run or "")[1]  # type: ignore[index]
+        script = ROOT / "examples" / name
+        assert script.is_file(), (
+            f"{block.page}:{block.line} names examples/{name}, which is missing"
+        )
+        missing = undefined_names(block.code, script.read_text(encoding="utf-8"))
+        assert not missing, (
+            f"{block.page}:{block.line}: the excerpt of examples/{name} uses {missing}, "
+            "which the example does not define"
+        )
+
+
+def test_undefined_names_checker_catches_a_planted_name() -> None:
+    script = "import torch\npolicy = make()\ndef make():\n    return 1\n"
+    assert undefined_names("out = policy(torch.ones(2))\nprint(out)\n", script) == []
+    assert undefined_names("trainer = DPOTrainer(model=policy, args=cfg)\n", script) == [
+        "DPOTrainer",
+        "cfg",
+    ]

@@ -334,3 +334,44 @@ def test_tiny_llama_logits_and_no_grad_reference():
     with gtorch.hook(policy, GATE_ZERO, rejected_rows="second_half") as h, torch.no_grad():
         policy(input_ids=ids, labels=labels)
     assert h.calls == 0
+
+
+def test_gated_output_is_not_a_view_and_in_place_ops_differentiate_correctly():
+    """FSDP2 warns when a module returns a view, and autograd refuses in-place ops on the
+    output of a custom Function that returns one. The gated output aliases the input's storage
+    (no copy) without being a view: in-place ops on it work, with the right gradient."""
+    model = TinyLM()
+    ids, labels = make_batch()
+    # gate 0 on the logits route: the rejected rows of the (in-place halved) logits get no
+    # gradient at all, whatever the weights; the reference detaches them by hand
+    logits = model(ids, labels=labels).logits / 2
+    lp, mask = token_logps(torch.cat([logits[:B], logits[B:].detach()]), labels)
+    ref = grads(model, dpo_like_loss(lp, mask))
+    with gtorch.hook(model, GATE_ZERO, rejected_rows="second_half"):
+        out = model(ids, labels=labels).logits
+        assert out._base is None  # not a view: FSDP2 has nothing to warn about
+        out.div_(2)  # an in-place temperature, as some trainers apply it
+        lp, mask = token_logps(out, labels)
+        got = grads(model, dpo_like_loss(lp, mask))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)  # float64; the same products
+
+    # the primitive: in-place on the output equals the same op out of place, bit for bit
+    w = torch.tensor([[0.25], [1.0], [0.0]], dtype=torch.float64)
+    x_leaf = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out_of_place = gategrad.scale_grad(x_leaf * 2.0, w) * 3.0  # (x * 2 saves no tensor)
+    (expected,) = torch.autograd.grad((out_of_place**2).sum(), x_leaf)
+    y = gategrad.scale_grad(x_leaf * 2.0, w)
+    y.mul_(3.0)
+    (got_x,) = torch.autograd.grad((y**2).sum(), x_leaf)
+    assert torch.equal(got_x, expected)
+    assert float(got_x[2].abs().max()) == 0.0 < float(got_x[0].abs().max())  # w is applied
+    # the output aliases its input: when the op that made the input saved it for its backward
+    # (tanh saves its output), autograd's version counter refuses the backward
+    y = gategrad.scale_grad(torch.tanh(x_leaf), w)
+    y.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x_leaf)
+    # a leaf parameter keeps autograd's view checks: an in-place op cannot silently rewrite it
+    with pytest.raises(RuntimeError, match="view"):
+        gategrad.scale_grad(x_leaf, w).mul_(3.0)

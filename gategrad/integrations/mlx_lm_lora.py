@@ -1,4 +1,4 @@
-"""Gate mlx-lm-lora's DPO training in one call: :func:`train_dpo`.
+"""Gate mlx-lm-lora's DPO training in one call: [`train_dpo`][].
 
 ```python
 from mlx_lm_lora.trainer.dpo_trainer import DPOTrainingArgs
@@ -90,9 +90,9 @@ def _dpo_trainer() -> Any:
 class GatedScoring:
     """The gated scoring of one policy: a wrapped ``get_token_scores`` and a wrapped loss.
 
-    Made by :func:`gated_scoring`; while installed (``install()``, or as a context manager)
-    ``mlx_lm_lora.trainer.dpo_trainer.get_token_scores`` is :meth:`get_token_scores`.
-    Pass :meth:`loss_fn` as the trainer's ``loss_fn=``.
+    Made by [`gated_scoring`][]; while installed (``install()``, or as a context manager)
+    ``mlx_lm_lora.trainer.dpo_trainer.get_token_scores`` is [`get_token_scores`][].
+    Pass [`loss_fn`][] as the trainer's ``loss_fn=``.
 
     Attributes:
         model: the policy (only its scores are gated).
@@ -178,7 +178,7 @@ class GatedScoring:
     # -- installation -----------------------------------------------------------------------
 
     def install(self) -> GatedScoring:
-        """Replace ``dpo_trainer.get_token_scores`` by :meth:`get_token_scores`."""
+        """Replace ``dpo_trainer.get_token_scores`` by [`get_token_scores`][]."""
         current = self._dt.get_token_scores
         if isinstance(getattr(current, "__self__", None), GatedScoring):
             raise ValueError(
