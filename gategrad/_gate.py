@@ -38,12 +38,22 @@ _PARAMS: tuple[str, ...] = ("alpha", "tau", "temperature", "exponent")
 
 
 def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Gate parameter {name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Gate parameter {name} must be finite, got {value!r}")
-    return value
+    """A Python or NumPy real number, or a concrete 0-d array (read as a float); bools and
+    traced arrays are refused."""
+    from ._validate import scalar  # _validate imports this module lazily too
+
+    try:
+        _, v = scalar(f"Gate parameter {name}", value)
+    except ValueError:
+        raise ValueError(f"Gate parameter {name} must be a real number, got {value!r}") from None
+    if v is None:
+        raise ValueError(
+            f"Gate parameter {name} must be a concrete number, got a traced array {value!r}; "
+            "to trace gate parameters pass the Gate itself through jax.jit (it is a pytree)"
+        )
+    if not math.isfinite(v):
+        raise ValueError(f"Gate parameter {name} must be finite, got {v!r}")
+    return v
 
 
 def parse_estimator(estimator: str) -> float | None:
@@ -114,6 +124,7 @@ class Gate:
             raise ValueError(f"Gate shape must be one of {SHAPES} or a callable, got {shape!r}")
         else:
             defaults = SHAPE_DEFAULTS[shape]
+            filled = []
             for name in _PARAMS:
                 value = getattr(self, name)
                 if name not in defaults:
@@ -123,8 +134,12 @@ class Gate:
                             f"{sorted(defaults)}"
                         )
                     continue
+                if value is None:
+                    filled.append(name)
                 value = defaults[name] if value is None else _finite_number(name, value)
                 object.__setattr__(self, name, value)
+            # which parameters came from SHAPE_DEFAULTS (not a field: replace(shape=) drops them)
+            object.__setattr__(self, "_filled", frozenset(filled))
             self._check_ranges()
         floor = _finite_number("floor", self.floor)
         if not 0.0 <= floor < 1.0:
@@ -164,7 +179,15 @@ class Gate:
         return out
 
     def replace(self, **changes: Any) -> Gate:
-        """A copy with ``changes`` applied, validated again."""
+        """A copy with ``changes`` applied, validated again.
+
+        Changing ``shape`` drops the parameters the old shape filled in from
+        ``SHAPE_DEFAULTS`` (the new shape takes its own defaults); parameters set
+        explicitly are kept (and must suit the new shape) unless ``changes`` resets them.
+        """
+        if "shape" in changes and changes["shape"] is not self.shape:
+            filled: frozenset[str] = getattr(self, "_filled", frozenset())
+            changes = {**{n: None for n in filled if n not in changes}, **changes}
         return dataclasses.replace(self, **changes)
 
     @classmethod
