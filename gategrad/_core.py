@@ -82,9 +82,7 @@ def _prepare_lengths(backend: Backend, x: Array, lengths: Any) -> Array:
         raise TypeError(f"lengths must be token counts, got the bool {lengths!r}")
     if check.is_number(lengths):
         lengths = backend.full_like(backend.astype(x, backend.compute_dtype(x)), float(lengths))
-    check.require_array(lengths, "lengths")
-    if "bool" in str(lengths.dtype) or "complex" in str(lengths.dtype):
-        raise TypeError(f"lengths must be real token counts, got dtype {lengths.dtype}")
+    check.require_counts(lengths, "lengths")
     if tuple(lengths.shape) != tuple(x.shape):
         raise ValueError(
             f"lengths has shape {tuple(lengths.shape)} but rejected_logps has shape "
@@ -272,7 +270,7 @@ def masked_quantile(values: Array, mask: Array, q: float) -> Array:
     """Per-row quantile of ``values[mask]`` (``(B, T)`` -> ``(B,)``), as ``numpy.quantile``."""
     try:
         _, qv = check.scalar("quantile q", q)
-    except ValueError:
+    except (TypeError, ValueError):  # a bool too: this function's message is pinned
         qv = None
     if qv is None or not 0.0 <= qv <= 1.0:
         raise ValueError(f"quantile q must be a number in [0, 1], got {q!r}")

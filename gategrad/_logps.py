@@ -64,7 +64,7 @@ def token_logps(
         ``(logps, mask)``: the per-token log-probs in ``promote_types(logits.dtype, float32)``,
         ``0`` at positions that do not count, and the boolean mask actually used
         (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
-        ``shift=True``. ``B = 0`` or no position left (``T = 0``) gives empty arrays.
+        ``shift=True``. ``B = 0`` gives empty arrays; ``T = 0`` or ``V = 0`` raise ``ValueError``.
         Sum ``logps`` over the last axis for per-sequence log-probs, or pass
         both to [`gategrad.preference_loss`][] (``*_logps`` and ``*_mask``).
 
@@ -81,7 +81,8 @@ def token_logps(
 
     Labels outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` in eager mode;
     under tracing (where they cannot be inspected) they are masked: logp 0 and ``False`` in the
-    returned mask.
+    returned mask, so ``(labels != ignore_index).sum() - mask.sum()`` (over the scored
+    positions) counts them.
 
     ``benchmarks/overhead.py`` compares it with ``log_softmax`` + gather and with TRL's
     ``selective_log_softmax`` (docs/benchmarks.md).
@@ -113,7 +114,7 @@ def token_logps(
     batch, length, vocab = (int(n) for n in logits.shape)
     valid = check.valid_labels(ops, labels, valid, vocab, ignore_index)
     cdtype = ops.compute_dtype(logits)
-    if batch * length == 0:  # nothing to score: zeros (B, T), still connected to the logits
+    if batch == 0:  # an empty batch (T = 0 is refused above): empty (0, T), still connected
         return ops.sum(ops.astype(logits, cdtype), axis=-1) * 0.0, valid
     safe = ops.as_index(ops.where(valid, labels, 0))
     plan = _plan(batch, length, vocab, chunk_size)

@@ -100,9 +100,10 @@ def require_gate(gate: Any, name: str = "gate") -> Any:
 def require_array(x: Any, name: str) -> None:
     """``x`` must be an array with ``.ndim``/``.shape`` (not a list, a number or ``None``)."""
     if not hasattr(x, "shape") or not hasattr(x, "ndim"):
+        tp = type(x)  # the wording of _dispatch's message, with the argument's name
         raise TypeError(
-            f"{name} must be an array (torch.Tensor, jax.Array, mlx.core.array or "
-            f"numpy.ndarray), got {type(x).__name__}"
+            f"{name}: gategrad cannot handle {tp.__module__}.{tp.__qualname__}: pass a "
+            "torch.Tensor, jax.Array, mlx.core.array or numpy.ndarray"
         )
 
 
@@ -112,11 +113,12 @@ def scalar(name: str, value: Any) -> tuple[Any, float | None]:
     Python ints and floats pass as they are; NumPy scalars and 0-d NumPy arrays become Python
     floats; a 0-d array of another framework is kept (gradients and tracing go on working) and
     its value is read when it may be inspected (``inspectable``), else ``None``. Bools
-    (also ``numpy.bool_`` and boolean arrays), strings, ``None``, complex numbers and arrays
-    with more than 0 dimensions raise ``ValueError`` naming ``name``.
+    (also ``numpy.bool_``) raise ``TypeError``; strings, ``None``, complex numbers, boolean
+    arrays and arrays with more than 0 dimensions raise ``ValueError`` naming ``name``.
     """
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a number, got the bool {value!r}; pass e.g. 1.0 or 0.0")
+        # a bool is an int to Python (label_smoothing=True would be 1.0): refused as a type
+        raise TypeError(f"{name} must be a number, got the bool {value!r}; pass e.g. 1.0 or 0.0")
     if isinstance(value, (np.generic, np.ndarray)):
         arr = np.asarray(value)
         if arr.ndim != 0 or not (
@@ -204,7 +206,13 @@ def positive_number(name: str, value: Any) -> Any:
 
 
 def rows(backend: Backend, bad: Array) -> str:
-    """``'row 3'`` or ``'rows 0, 4, ...'`` for the true entries of ``bad`` ``(B,)``."""
+    """``'row 3'`` or ``'rows 0, 4, ...'`` for the true entries of ``bad`` ``(B,)``; for a
+    ``(B, T, ...)`` array, ``'positions (1, 2), ...'``: the true multi-indices, never a flat
+    index."""
+    if bad.ndim > 1:
+        where = np.argwhere(np.asarray(backend.to_numpy(bad))).tolist()
+        shown = ", ".join(str(tuple(i)) for i in where[:8]) + (", ..." if len(where) > 8 else "")
+        return f"position{'s' if len(where) > 1 else ''} {shown}"
     found = backend.nonzero_rows(bad)
     shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
     return f"row{'s' if len(found) > 1 else ''} {shown}"
@@ -237,7 +245,9 @@ def check_not_logits(
     limit: Any = slack
     if counts is not None and x.ndim == 1:
         limit = backend.maximum(backend.astype(counts, backend.compute_dtype(x)), 1.0) * slack
-    bad = backend.astype(x, backend.compute_dtype(x)) > limit
+    xc = backend.astype(x, backend.compute_dtype(x))
+    # +inf is reported by check_log_probs (its own message), not as "> 0"
+    bad = (xc > limit) & (xc < float("inf"))
     if mask is not None and x.ndim == 2:
         bad = bad & mask
     if found(backend, bad):
@@ -309,6 +319,14 @@ def require_mask(mask: Any, name: str) -> None:
         )
 
 
+def require_counts(lengths: Any, name: str) -> None:
+    """Token counts are an array of integers or real numbers (not bools, strings, complex)."""
+    require_array(lengths, name)
+    dtype = str(lengths.dtype)
+    if not any(k in dtype for k in ("int", "float")) or "complex" in dtype:
+        raise TypeError(f"{name} must be real token counts, got dtype {lengths.dtype}")
+
+
 def check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is not None and (
         isinstance(chunk_size, (bool, np.bool_))
@@ -345,6 +363,11 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
         raise ValueError(
             f"logits have V = 0 classes (shape {tuple(logits.shape)}); a vocabulary needs at "
             "least one entry"
+        )
+    if int(logits.shape[1]) == 0:
+        raise ValueError(
+            f"logits have T = 0 positions (shape {tuple(logits.shape)}): there is no token to "
+            "score; drop empty sequences from the batch"
         )
     _check_labels_mask(backend, labels, mask, logits, "logits")
 
@@ -412,7 +435,7 @@ def _check_labels_mask(
             f"labels must have shape (B, T) = {tuple(like.shape[:2])} to match {like_name} "
             f"{tuple(like.shape)}, got {tuple(labels.shape)}"
         )
-    if backend.is_floating(labels) or "bool" in str(labels.dtype) or "complex" in str(labels.dtype):
+    if backend.is_floating(labels) or "int" not in str(labels.dtype):  # bool, str, complex
         raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
     if mask is not None and tuple(mask.shape) != tuple(labels.shape):
         raise ValueError(
@@ -432,9 +455,14 @@ def valid_labels(
     in_range = (labels >= 0) & (labels < vocab)
     bad = valid & ~in_range
     if found(backend, bad):
+        where = np.argwhere(np.asarray(backend.to_numpy(bad)))
+        values = np.asarray(backend.to_numpy(labels))
+        shown = ", ".join(
+            f"labels[{i}, {j}] = {int(values[i, j])}" for i, j in where[:4].tolist()
+        ) + (f" ({len(where)} positions in all)" if len(where) > 4 else "")
         raise ValueError(
-            f"labels hold token ids outside [0, {vocab}) at {rows(backend, _per_row(backend, bad))}"
-            f" (other than ignore_index={ignore_index}); the logits have V = {vocab} classes: "
-            "check the tokenizer / vocabulary size, or mark ignored positions with ignore_index"
+            f"labels hold token ids outside the valid range [0, {vocab}) (other than "
+            f"ignore_index={ignore_index}): {shown}; the logits have V = {vocab} classes: check "
+            f"the tokenizer / vocabulary size, or mark ignored positions with {ignore_index}"
         )
     return valid & in_range

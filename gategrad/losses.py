@@ -182,11 +182,7 @@ def _prepare_side(
         if check.is_number(lengths):
             counts = ops.full_like(ops.astype(ops.stop_gradient(policy), cdtype), float(lengths))
         else:
-            check.require_array(lengths, side.lengths_name)
-            if "bool" in str(lengths.dtype) or "complex" in str(lengths.dtype):
-                raise TypeError(
-                    f"{side.lengths_name} must be real token counts, got dtype {lengths.dtype}"
-                )
+            check.require_counts(lengths, side.lengths_name)
             if tuple(lengths.shape) != (policy.shape[0],):
                 raise ValueError(
                     f"{side.lengths_name} has shape {tuple(lengths.shape)}; it must be "
@@ -366,23 +362,25 @@ def preference_loss(
         rejected_lengths,
     )
     for name, x in arrays.items():
-        if x is not None and name.startswith("policy"):
+        if x is None:
+            continue
+        # NaN / inf first (their messages are part of the contract), then "> 0" (logits)
+        check.check_log_probs(
+            ops,
+            x,
+            name,
+            mask=mask_w if "chosen" in name else mask_l,
+            allow_neg_inf=False,
+            hint="a -inf log-prob means a token of probability 0; check the labels, the "
+            "masks and the model's logits",
+        )
+        if name.startswith("policy"):
             check.check_not_logits(
                 ops,
                 x,
                 name,
                 mask=mask_w if "chosen" in name else mask_l,
                 counts=len_w if "chosen" in name else len_l,
-            )
-        if x is not None:
-            check.check_log_probs(
-                ops,
-                x,
-                name,
-                mask=mask_w if "chosen" in name else mask_l,
-                allow_neg_inf=False,
-                hint="a -inf log-prob means a token of probability 0; check the labels, the "
-                "masks and the model's logits",
             )
     if spec.needs_lengths(params) and (len_w is None or len_l is None):
         raise ValueError(
