@@ -350,7 +350,7 @@ def test_class5_eager_refuses_positive_values(backend) -> None:
 @pytest.mark.parametrize("backend", AUTOGRAD)
 def test_class5_traced_quantile_positive_values_finite(backend) -> None:
     skip_unless(backend)
-    gate = Gate(estimator="q10")
+    gate = Gate(estimator="q90")  # interpolates towards p = exp(100) = inf in float32
     mask = np.ones_like(POS_X, bool)
     grad = _traced_grad(backend, lambda x: gate_rejected(x, gate).sum(), _a(backend, POS_X))
     # documented: the gate reads min(logp, 0)
@@ -376,8 +376,8 @@ def test_class5_traced_quantile_positive_values_finite(backend) -> None:
 
 def test_class5_numpy_unchecked_quantile() -> None:
     with gategrad.value_checks(False):
-        w = np.asarray(gate_weights(POS_X.astype(np.float32), Gate(estimator="q10")).weight)
-    ref = _ref_weight(np.minimum(POS_X, 0.0), Gate(estimator="q10"))
+        w = np.asarray(gate_weights(POS_X.astype(np.float32), Gate(estimator="q90")).weight)
+    ref = _ref_weight(np.minimum(POS_X, 0.0), Gate(estimator="q90"))
     np.testing.assert_allclose(w, ref, atol=ATOL32)
 
 
@@ -385,37 +385,56 @@ def test_class5_numpy_unchecked_quantile() -> None:
 # Class 6: extreme but valid gate parameters. On main alpha=1e39 (inf in float32),
 # temperature=1e-50 (0 in float32) and exponent=1e39 gave inf * 0 or 0 / 0: a NaN gradient.
 
+
+def _f32(v) -> np.ndarray:
+    """``v`` rounded to float32, as float64: what a float32 computation holds for a constant."""
+    return np.asarray(v, np.float32).astype(np.float64)
+
+
+#: (gate, float64 formula of the float32-rounded inputs, a log-prob at the gate's step). At the
+#: step the exact gate is 0.5 (sigmoids) or 1 (power); float32 sees ``d = 0`` there exactly
+#: because the input equals the float32 constant (tau or log tau) it is compared with, and the
+#: reference therefore uses the float32-rounded constants too. On main ``inf * 0`` or ``0 / 0``
+#: made exactly these points NaN.
 EXTREME = [
-    (Gate(alpha=1e39, granularity="token"), lambda lp, g: _sigmoid(1e39 * (np.exp(lp) - g.tau))),
+    (
+        Gate(alpha=1e39, tau=0.5, granularity="token"),
+        # exp(float32(log 0.5)) = 0.5 - 9.5e-10: 0.5 is the float32 nearest by 30x (ulp 3e-8),
+        # so every float32 exp (error < 1 ulp) returns exactly 0.5
+        lambda x, g: _sigmoid(1e39 * (_f32(np.exp(x)) - _f32(g.tau))),
+        math.log(0.5),
+    ),
     (
         Gate(shape="log_sigmoid", temperature=1e-50, granularity="token"),
-        lambda lp, g: _sigmoid((lp - math.log(g.tau)) / 1e-50),
+        lambda x, g: _sigmoid((x - _f32(math.log(g.tau))) / 1e-50),
+        math.log(Gate(shape="log_sigmoid").tau),
     ),
     (
         Gate(shape="power", exponent=1e39, granularity="token"),
-        lambda lp, g: np.exp(np.minimum(1e39 * (lp - math.log(g.tau)), 0.0)),
+        lambda x, g: np.exp(np.minimum(1e39 * (x - _f32(math.log(g.tau))), 0.0)),
+        math.log(Gate(shape="power").tau),
     ),
 ]
-#: far from every default tau (0.02, 0.03, 1e-4) in p, and -inf (p = 0)
-EXT_X = np.array([[-0.1, -1.0, -3.0, -6.0], [-10.0, -20.0, -np.inf, -0.01]])
 
 
 @pytest.mark.parametrize("case", range(len(EXTREME)))
 @pytest.mark.parametrize("backend", ALL)
 def test_class6_extreme_parameters_match_float64(backend, case) -> None:
     skip_unless(backend)
-    gate, formula = EXTREME[case]
-    x32 = EXT_X.astype(np.float32).astype(np.float64)  # the reference sees the same inputs
+    gate, formula, at_step = EXTREME[case]
+    # the step point, values far from it on both sides (in p), and -inf (p = 0)
+    x = np.array([[at_step, -0.01, -0.1, -1.0], [-3.0, -12.0, -20.0, -np.inf]])
+    x32 = _f32(x)  # the reference sees the same rounded inputs
     with np.errstate(over="ignore", invalid="ignore"):
-        ref = formula(x32, gate)  # float64, unclamped: exactly 0 or 1 here
-    assert np.isin(ref, (0.0, 1.0)).all()
+        ref = formula(x32, gate)  # float64, parameters unclamped
+    assert np.isfinite(ref).all() and ref[0, 0] in (0.5, 1.0)
     if backend == "numpy":
-        got = np.asarray(gate_weights(EXT_X.astype(np.float32), gate).weight)
+        got = np.asarray(gate_weights(x.astype(np.float32), gate).weight)
     else:
-        got = _traced_grad(backend, lambda x: gate_rejected(x, gate).sum(), _a(backend, EXT_X))
-        eager = to_numpy(gate_weights(_a(backend, EXT_X), gate).weight)
+        got = _traced_grad(backend, lambda a: gate_rejected(a, gate).sum(), _a(backend, x))
+        eager = to_numpy(gate_weights(_a(backend, x), gate).weight)
         np.testing.assert_array_equal(eager, ref)
-    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got, ref)  # every value is exactly 0, 0.5 or 1
 
 
 # --------------------------------------------------------------------------------------------
