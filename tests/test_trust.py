@@ -583,6 +583,8 @@ def test_class10_checked_errors_name_the_argument(backend) -> None:
     with pytest.raises(TypeError, match="mask: gategrad cannot handle builtins.float"):
         gategrad.metrics.sequence_metrics(_a(backend, LOGITS), _a(backend, np.zeros((2, 4), int)),
                                           mask=1.0)  # fmt: skip
+    with pytest.raises(TypeError, match="mask: gategrad cannot handle builtins.float"):
+        token_logps(_a(backend, LOGITS), _a(backend, np.zeros((2, 4), int)), mask=1.0)  # shift
     three = np.full((2, 3, 4), -1.0)
     three[1, 2, 1] = np.nan
     with pytest.raises(ValueError, match=r"must have shape \(B,\) or \(B, T\), got \(2, 3, 4\)"):
