@@ -540,6 +540,25 @@ def test_class8_hook_rows_mask_labels(backend) -> None:
             model(ids, labels=bad)
 
 
+@pytest.mark.parametrize("backend", ["mlx"])
+def test_class8_mlx_lm_refuses_odd_rows(backend) -> None:
+    # on main the halves of 5 rows (2 and 3) reached the loss: "batch sizes differ"
+    skip_unless(backend)
+    pytest.importorskip("mlx.nn")
+    import mlx.core as mx
+
+    from gategrad.integrations import mlx_lm
+
+    def model(ids):
+        return mx.zeros((*ids.shape, 5))
+
+    batch = {"input_ids": mx.zeros((5, 4), mx.int32), "response_mask": mx.ones((5, 4), mx.bool_)}
+    with pytest.raises(ValueError, match="the batch has 5 rows; it must hold"):
+        mlx_lm.make_loss_fn(loss_type="simpo")(model, batch)
+    with pytest.raises(ValueError, match="the batch has 5 rows; it must hold"):
+        mlx_lm.reference_logps(model, batch)
+
+
 # --------------------------------------------------------------------------------------------
 # Class 9: Gate.replace(shape=...) re-derives the defaults from the user's fields. On main
 # Gate().replace(shape="log_sigmoid") raised about an alpha the user never set, and
