@@ -89,7 +89,10 @@ class Gate:
     - ``hard``:        ``g = 1[p >= tau]``
     - ``power``:       ``g = min(1, (p / tau) ** exponent)``
     - a callable ``f``: ``g = f(p)``, written with array operators of the input's framework;
-      it must return values in ``[0, 1]`` and be non-decreasing in ``p``.
+      it must return values in ``[0, 1]`` and be non-decreasing in ``p``, as an array of
+      ``p``'s shape (``(B,)`` or ``(B, T)``: no broadcasting) or a number. Eager calls raise
+      ``ValueError`` for another shape or values outside ``[0, 1]``; under tracing the values
+      are clipped to ``[0, 1]`` (NaN gives 0).
     - ``floor``: ``g <- floor + (1 - floor) * g``.
 
     ``estimator`` reduces a rejected response's token log-probs to one ``p`` per example
@@ -98,8 +101,13 @@ class Gate:
     ``mean`` (arithmetic mean of token probabilities). With ``granularity='token'`` every
     rejected token is gated by its own probability and the estimator is not used.
 
-    Parameters left as ``None`` take the shape's default from [`SHAPE_DEFAULTS`][].
-    Invalid values raise ``ValueError`` naming the parameter and its allowed range.
+    Parameters left as ``None`` take the shape's default from [`SHAPE_DEFAULTS`][] (and
+    [`Gate.replace`][gategrad.Gate.replace] with a new ``shape`` takes the new shape's defaults
+    for them). Parameters may be Python or NumPy numbers or concrete 0-d arrays; invalid values
+    raise ``ValueError`` naming the parameter and its allowed range, bools ``TypeError``. The
+    gate is computed with ``alpha``, ``temperature`` and ``exponent`` clamped to
+    ``[1e-30, 1e30]`` (``gategrad._math.PARAM_MIN``/``PARAM_MAX``), so extreme values give the
+    exact step gate in float32 instead of ``inf * 0``.
     """
 
     shape: Shape = "sigmoid"
