@@ -226,10 +226,11 @@ def test_class2_empty_vocabulary_or_positions_raise(backend) -> None:
     if backend == "jax":  # static: also under jit
         import jax
 
-        with pytest.raises(ValueError, match="V = 0"):
-            jax.jit(lambda a, y: token_logps(a, y, shift=False))(
-                _a(backend, np.zeros((2, 3, 0))), _a(backend, np.zeros((2, 3), np.int64))
-            )
+        for shape, match in (((2, 3, 0), "V = 0"), ((2, 0, 4), "T = 0")):
+            with pytest.raises(ValueError, match=match):
+                jax.jit(lambda a, y: token_logps(a, y, shift=False))(
+                    _a(backend, np.zeros(shape)), _a(backend, np.zeros(shape[:2], np.int64))
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +473,14 @@ for est in ("q10", "mean", "min", "seq"):
         assert "T = 0" in str(err), err
     else:
         raise SystemExit("no ValueError for " + est)
+if {backend!r} == "mlx":  # static: also under mx.compile (on main: a segfault)
+    import mlx.core as mx
+    try:
+        mx.compile(lambda a: gate_rejected(a, Gate(estimator="q10")))(x)
+    except ValueError as err:
+        assert "T = 0" in str(err), err
+    else:
+        raise SystemExit("no ValueError under mx.compile")
 print("ok")
 """
 
