@@ -5,6 +5,7 @@ argument, never a ``nondiff_argnums`` entry, and is ``stop_gradient``-ed. Forwar
 ``jacfwd``) is impossible through a ``custom_vjp``. Importing this module registers
 [`gategrad.Gate`][] as a pytree, so gate parameters can be traced arrays under ``jit``; the
 core registers it by importing this module once JAX is loaded ([`gategrad.get_backend`][]).
+[`gategrad.GateStats`][] is registered too, so ``return_stats=True`` works under ``jit``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ except ImportError as err:  # pragma: no cover - exercised only without jax
 import numpy as np
 
 from gategrad._backend import Array, Backend, CompileJob, DTypeName, GradJob, MemoryJob, PeakMemory
+from gategrad._core import GateStats
 from gategrad._gate import NUMERIC_FIELDS, STATIC_FIELDS, Gate
 
 
@@ -55,6 +57,19 @@ def _gate_unflatten(static: tuple[Any, ...], numeric: tuple[Any, ...]) -> Gate:
     fields.update(zip(STATIC_FIELDS, static, strict=False))
     return Gate._unchecked(**fields)
 
+
+def _stats_flatten(stats: GateStats) -> tuple[tuple[Any, ...], None]:
+    return (stats.weight, stats.p, stats.mask), None
+
+
+def _stats_unflatten(_: None, children: tuple[Any, ...]) -> GateStats:
+    return GateStats(*children)
+
+
+if not getattr(GateStats, "_jax_pytree_registered", False):
+    # return_stats=True under jax.jit: GateStats is a pytree (mask None is an empty subtree)
+    jax.tree_util.register_pytree_node(GateStats, _stats_flatten, _stats_unflatten)
+    GateStats._jax_pytree_registered = True  # type: ignore[attr-defined]
 
 if not getattr(Gate, "_jax_pytree_registered", False):
     jax.tree_util.register_pytree_node(Gate, _gate_flatten, _gate_unflatten)

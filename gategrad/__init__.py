@@ -83,6 +83,11 @@ _SUBMODULES = ("integrations", "lab", "losses", "metrics", "testing", "torch")
 _DEPRECATED = {"get_ops": (get_backend, "gategrad.get_backend")}
 
 
+def __dir__() -> list[str]:
+    """The public names and the lazy submodules (``gategrad.metrics``, ``gategrad.torch``...)."""
+    return sorted({*globals(), *_SUBMODULES})
+
+
 def __getattr__(name: str) -> Any:
     """Lazy submodules (``gategrad.torch``, ``gategrad.testing``, ...) and deprecated names."""
     if name in _SUBMODULES:

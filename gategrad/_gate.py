@@ -38,12 +38,22 @@ _PARAMS: tuple[str, ...] = ("alpha", "tau", "temperature", "exponent")
 
 
 def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Gate parameter {name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Gate parameter {name} must be finite, got {value!r}")
-    return value
+    """A Python or NumPy real number, or a concrete 0-d array (read as a float); bools and
+    traced arrays are refused."""
+    from ._validate import scalar  # _validate imports this module lazily too
+
+    try:
+        _, v = scalar(f"Gate parameter {name}", value)
+    except ValueError:
+        raise ValueError(f"Gate parameter {name} must be a real number, got {value!r}") from None
+    if v is None:
+        raise ValueError(
+            f"Gate parameter {name} must be a concrete number, got a traced array {value!r}; "
+            "to trace gate parameters pass the Gate itself through jax.jit (it is a pytree)"
+        )
+    if not math.isfinite(v):
+        raise ValueError(f"Gate parameter {name} must be finite, got {v!r}")
+    return v
 
 
 def parse_estimator(estimator: str) -> float | None:
@@ -79,7 +89,10 @@ class Gate:
     - ``hard``:        ``g = 1[p >= tau]``
     - ``power``:       ``g = min(1, (p / tau) ** exponent)``
     - a callable ``f``: ``g = f(p)``, written with array operators of the input's framework;
-      it must return values in ``[0, 1]`` and be non-decreasing in ``p``.
+      it must return values in ``[0, 1]`` and be non-decreasing in ``p``, as an array of
+      ``p``'s shape (``(B,)`` or ``(B, T)``: no broadcasting) or a number. Eager calls raise
+      ``ValueError`` for another shape or values outside ``[0, 1]``; under tracing the values
+      are clipped to ``[0, 1]`` (NaN gives 0).
     - ``floor``: ``g <- floor + (1 - floor) * g``.
 
     ``estimator`` reduces a rejected response's token log-probs to one ``p`` per example
@@ -88,8 +101,13 @@ class Gate:
     ``mean`` (arithmetic mean of token probabilities). With ``granularity='token'`` every
     rejected token is gated by its own probability and the estimator is not used.
 
-    Parameters left as ``None`` take the shape's default from [`SHAPE_DEFAULTS`][].
-    Invalid values raise ``ValueError`` naming the parameter and its allowed range.
+    Parameters left as ``None`` take the shape's default from [`SHAPE_DEFAULTS`][] (and
+    [`Gate.replace`][gategrad.Gate.replace] with a new ``shape`` takes the new shape's defaults
+    for them). Parameters may be Python or NumPy numbers or concrete 0-d arrays; invalid values
+    raise ``ValueError`` naming the parameter and its allowed range, bools ``TypeError``. The
+    gate is computed with ``alpha``, ``temperature`` and ``exponent`` clamped to
+    ``[1e-30, 1e30]`` (``gategrad._math.PARAM_MIN``/``PARAM_MAX``), so extreme values give the
+    exact step gate in float32 instead of ``inf * 0``.
     """
 
     shape: Shape = "sigmoid"
@@ -114,6 +132,7 @@ class Gate:
             raise ValueError(f"Gate shape must be one of {SHAPES} or a callable, got {shape!r}")
         else:
             defaults = SHAPE_DEFAULTS[shape]
+            filled = []
             for name in _PARAMS:
                 value = getattr(self, name)
                 if name not in defaults:
@@ -123,8 +142,12 @@ class Gate:
                             f"{sorted(defaults)}"
                         )
                     continue
+                if value is None:
+                    filled.append(name)
                 value = defaults[name] if value is None else _finite_number(name, value)
                 object.__setattr__(self, name, value)
+            # which parameters came from SHAPE_DEFAULTS (not a field: replace(shape=) drops them)
+            object.__setattr__(self, "_filled", frozenset(filled))
             self._check_ranges()
         floor = _finite_number("floor", self.floor)
         if not 0.0 <= floor < 1.0:
@@ -164,7 +187,15 @@ class Gate:
         return out
 
     def replace(self, **changes: Any) -> Gate:
-        """A copy with ``changes`` applied, validated again."""
+        """A copy with ``changes`` applied, validated again.
+
+        Changing ``shape`` drops the parameters the old shape filled in from
+        ``SHAPE_DEFAULTS`` (the new shape takes its own defaults); parameters set
+        explicitly are kept (and must suit the new shape) unless ``changes`` resets them.
+        """
+        if "shape" in changes and changes["shape"] is not self.shape:
+            filled: frozenset[str] = getattr(self, "_filled", frozenset())
+            changes = {**{n: None for n in filled if n not in changes}, **changes}
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -13,7 +13,7 @@ __all__ = ["token_logps"]
 
 #: Auto-chunking budget: the most logits elements one chunk holds (16 MiB of float32). Each
 #: chunk's float32 temporaries are bounded by it, not by ``B * T * V``. Used by torch, NumPy and
-#: eager (concrete) JAX; see :func:`token_logps` for why traced JAX and MLX need no chunks.
+#: eager (concrete) JAX; see ``token_logps`` for why traced JAX and MLX need no chunks.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -65,7 +65,8 @@ def token_logps(
         ``promote_types(logits.dtype, float32)``, ``0`` at positions that do not count;
         ``mask`` is the boolean mask actually used
         (``labels != ignore_index``, and ``mask`` if given), both ``(B, T - 1)`` with
-        ``shift=True``. Sum ``logps`` over the last axis for per-sequence log-probs, or pass
+        ``shift=True``. ``B = 0`` gives empty arrays; ``T = 0`` or ``V = 0`` raise ``ValueError``.
+        Sum ``logps`` over the last axis for per-sequence log-probs, or pass
         both to [`gategrad.preference_loss`][] (``*_logps`` and ``*_mask``).
 
     Memory and speed: no second ``(B, T, V)`` buffer besides the logits (and, under autograd,
@@ -79,12 +80,18 @@ def token_logps(
       gather over all the logits, which XLA and MLX compute without a ``(B, T, V)`` temporary;
     - NumPy and eager JAX arrays: ``logsumexp`` chunk by chunk.
 
+    Labels outside ``[0, V)`` other than ``ignore_index`` raise ``ValueError`` in eager mode;
+    under tracing (where they cannot be inspected) they are masked: logp 0 and ``False`` in the
+    returned mask, so ``(labels != ignore_index).sum() - mask.sum()`` (over the scored
+    positions) counts them.
+
     ``benchmarks/overhead.py`` compares it with ``log_softmax`` + gather and with TRL's
     ``selective_log_softmax`` (docs/benchmarks.md).
     """
     ops = backend_for(logits=logits, labels=labels, mask=mask)
     check.check_logits_labels(ops, logits, labels, mask)
     check.check_chunk_size(chunk_size)
+    ignore_index = check.integer("ignore_index", ignore_index)
     if gate is not None:
         gate = check.require_gate(gate)
         if gate.granularity != "token":
@@ -105,9 +112,12 @@ def token_logps(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & ops.bool_mask(mask)
-    safe = ops.as_index(ops.where(valid, labels, 0))
-    cdtype = ops.compute_dtype(logits)
     batch, length, vocab = (int(n) for n in logits.shape)
+    valid = check.valid_labels(ops, labels, valid, vocab, ignore_index)
+    cdtype = ops.compute_dtype(logits)
+    if batch == 0:  # an empty batch (T = 0 is refused above): empty (0, T), still connected
+        return ops.sum(ops.astype(logits, cdtype), axis=-1) * 0.0, valid
+    safe = ops.as_index(ops.where(valid, labels, 0))
     plan = _plan(batch, length, vocab, chunk_size)
     logps = ops.token_logps(logits, safe, cdtype, plan, chunk_size is not None)
     logps = ops.where(valid, logps, 0.0)

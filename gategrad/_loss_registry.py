@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ._backend import Array, Backend
 
 __all__ = ["LOSSES", "LOSS_PARAMS", "LOSS_TYPES", "LossParam", "LossSpec", "Terms"]
@@ -49,14 +51,16 @@ def _is_number(x: Any) -> bool:
 
 def _in_range(
     lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = True
-) -> Callable[[str, Any, str], None]:
-    """A validator of a number in an interval; arrays (traced values) pass unchecked."""
+) -> Callable[[str, Any, str], Any]:
+    """A validator of a number in an interval; traced arrays pass unchecked."""
 
-    def check(name: str, value: Any, loss_type: str) -> None:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        if not _is_number(value):
-            return
+    def check(name: str, value: Any, loss_type: str) -> Any:
+        from ._validate import scalar  # NumPy scalars, 0-d arrays; bools refused
+
+        use, v = scalar(name, value)
+        if v is None:
+            return use
+        value = v
         ok = math.isfinite(value) and (value > lo if lo_open else value >= lo)
         ok = ok and (value < hi if hi_open else value <= hi)
         if not ok:
@@ -65,13 +69,15 @@ def _in_range(
                 f"{name} must lie in {left}{lo:g}, {hi:g}{right} for loss_type={loss_type!r}, "
                 f"got {value!r}"
             )
+        return use
 
     return check
 
 
-def _boolean(name: str, value: Any, loss_type: str) -> None:
-    if not isinstance(value, bool):
+def _boolean(name: str, value: Any, loss_type: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,8 @@ class LossParam:
 
     name: str
     default: Any
-    check: Callable[[str, Any, str], None]
+    #: validates the value and returns the one to compute with (NumPy scalars as floats)
+    check: Callable[[str, Any, str], Any]
     doc: str
 
 
@@ -226,7 +233,7 @@ _SPECS: tuple[LossSpec, ...] = (
     ),
 )
 
-#: loss type -> its :class:`LossSpec` (TRL's names where TRL has the loss).
+#: loss type -> its ``LossSpec`` (TRL's names where TRL has the loss).
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 """The loss types [`gategrad.preference_loss`][] accepts, in the order of the table in
@@ -248,5 +255,5 @@ def resolve(loss_type: Any, params: dict[str, Any]) -> tuple[LossSpec, dict[str,
         raise ValueError(f"loss_type={loss_type!r} {takes}; got unexpected {unknown}")
     out = {**allowed, **params}
     for p in spec.params:
-        p.check(p.name, out[p.name], loss_type)
+        out[p.name] = p.check(p.name, out[p.name], loss_type)
     return spec, out

@@ -18,10 +18,20 @@ import os
 from types import TracebackType
 from typing import Any
 
+import numpy as np
+
 from ._backend import Array, Backend
-from ._gate import Gate
 
 __all__ = ["value_checks"]
+
+#: How far above 0 a value fed to the gate as a log-prob may lie before it is refused as "not a
+#: log-prob" (logits passed by mistake), per token and per input dtype. A log-softmax value is
+#: ``x_y - logsumexp(x) <= 0`` in exact arithmetic; computed in float32 its rounding error is
+#: about ``eps32 * |logsumexp|`` (6e-8 per unit), so 1e-2 admits logits up to ~1e5 in magnitude;
+#: float16 / bfloat16 log-softmax rounds to ``eps * |logsumexp|`` with eps 1e-3 / 8e-3, so 0.1 /
+#: 0.5 admit ``|logsumexp|`` up to ~60-100. Per-sequence ``(B,)`` sums get the slack times the
+#: token count (``lengths``). The gate itself always reads ``min(logp, 0)`` (so ``p <= 1``).
+LOGP_SLACK: dict[str, float] = {"float64": 1e-2, "float32": 1e-2, "float16": 0.1, "bfloat16": 0.5}
 
 _CHECKS = {"enabled": os.environ.get("GATEGRAD_CHECKS", "1") != "0"}
 
@@ -79,10 +89,99 @@ def found(backend: Backend, bad: Array) -> bool:
     return inspectable(backend, bad) and backend.any(bad)
 
 
-def require_gate(gate: Any, name: str = "gate") -> Gate:
+def require_gate(gate: Any, name: str = "gate") -> Any:
+    from ._gate import Gate  # _gate imports this module
+
     if not isinstance(gate, Gate):
         raise TypeError(f"{name} must be a gategrad.Gate, got {type(gate).__name__}")
     return gate
+
+
+def require_array(x: Any, name: str) -> None:
+    """``x`` must be an array with ``.ndim``/``.shape`` (not a list, a number or ``None``)."""
+    if not hasattr(x, "shape") or not hasattr(x, "ndim"):
+        tp = type(x)  # the wording of _dispatch's message, with the argument's name
+        raise TypeError(
+            f"{name}: gategrad cannot handle {tp.__module__}.{tp.__qualname__}: pass a "
+            "torch.Tensor, jax.Array, mlx.core.array or numpy.ndarray"
+        )
+
+
+def scalar(name: str, value: Any) -> tuple[Any, float | None]:
+    """A numeric hyper-parameter: ``(value to compute with, its float or None if traced)``.
+
+    Python ints and floats pass as they are; NumPy scalars and 0-d NumPy arrays become Python
+    floats; a 0-d array of another framework is kept (gradients and tracing go on working) and
+    its value is read when it may be inspected (``inspectable``), else ``None``. Bools
+    (also ``numpy.bool_``) raise ``TypeError``; strings, ``None``, complex numbers, boolean
+    arrays and arrays with more than 0 dimensions raise ``ValueError`` naming ``name``.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        # a bool is an int to Python (label_smoothing=True would be 1.0): refused as a type
+        raise TypeError(f"{name} must be a number, got the bool {value!r}; pass e.g. 1.0 or 0.0")
+    if isinstance(value, (np.generic, np.ndarray)):
+        arr = np.asarray(value)
+        if arr.ndim != 0 or not (
+            np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+        ):
+            raise ValueError(
+                f"{name} must be a real number or a 0-d real array, got a {arr.dtype} array "
+                f"of shape {arr.shape}"
+            )
+        v = float(arr)
+        return v, v
+    if isinstance(value, (int, float)):
+        return value, float(value)
+    from ._dispatch import framework_of, get_backend
+
+    try:
+        fw = framework_of(value)
+    except TypeError:
+        fw = None
+    if fw is None:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    ops = get_backend(fw)
+    dtype = str(value.dtype)
+    if value.ndim != 0 or "bool" in dtype or "complex" in dtype:
+        raise ValueError(
+            f"{name} must be a real number or a 0-d real array, got a {dtype} array of shape "
+            f"{tuple(value.shape)}"
+        )
+    if not inspectable(ops, value):
+        return value, None
+    return value, float(np.asarray(ops.to_numpy(value), dtype=np.float64))
+
+
+def number_in(
+    name: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = True,
+    context: str = "",
+) -> Any:
+    """``scalar``, then ``value`` in the interval (when it can be read); returns the value
+    to compute with. ``hi = inf`` with ``hi_open`` means "finite"."""
+    use, v = scalar(name, value)
+    if v is None:
+        return use
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {left}{lo:g}, {hi:g}{right}{context}, got {v!r}")
+    return use
+
+
+def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """A Python or NumPy integer (not a bool), ``>= minimum``; returned as an int."""
+    what = "an int" if minimum is None else f"an int >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
 
 
 def require_floating(backend: Backend, x: Array, name: str) -> None:
@@ -91,31 +190,72 @@ def require_floating(backend: Backend, x: Array, name: str) -> None:
 
 
 def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A Python or NumPy real scalar (not a bool)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_)
+    )
 
 
-def positive_number(name: str, value: Any) -> None:
-    """A finite number ``> 0``; arrays (traced values) pass unchecked."""
-    if is_number(value):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    elif isinstance(value, bool) or value is None:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def positive_number(name: str, value: Any) -> Any:
+    """A finite number ``> 0`` (``scalar``: also a 0-d array, read when concrete; traced
+    arrays pass unchecked). Returns the value to compute with."""
+    use, v = scalar(name, value)
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return use
 
 
 def rows(backend: Backend, bad: Array) -> str:
-    """``'row 3'`` or ``'rows 0, 4, ...'`` for the true entries of ``bad`` ``(B,)``."""
+    """``'row 3'`` or ``'rows 0, 4, ...'`` for the true entries of ``bad`` ``(B,)``; for a
+    ``(B, T, ...)`` array, ``'positions (1, 2), ...'``: the true multi-indices, never a flat
+    index."""
+    if bad.ndim > 1:
+        where = np.argwhere(np.asarray(backend.to_numpy(bad))).tolist()
+        shown = ", ".join(str(tuple(i)) for i in where[:8]) + (", ..." if len(where) > 8 else "")
+        return f"position{'s' if len(where) > 1 else ''} {shown}"
     found = backend.nonzero_rows(bad)
     shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
     return f"row{'s' if len(found) > 1 else ''} {shown}"
 
 
 def _per_row(backend: Backend, bad: Array) -> Array:
-    return (
-        bad
-        if bad.ndim == 1
-        else backend.sum(backend.astype(bad, backend.dtype("int32")), axis=-1) > 0
-    )
+    """``(B, ...)`` -> ``(B,)``: whether each row holds a true entry."""
+    while bad.ndim > 1:
+        bad = backend.sum(backend.astype(bad, backend.dtype("int32")), axis=-1) > 0
+    return bad
+
+
+def logp_slack(backend: Backend, x: Array) -> float:
+    """``LOGP_SLACK`` for the dtype of ``x``."""
+    dtype = str(x.dtype)
+    for name in ("bfloat16", "float16", "float64"):
+        if name in dtype:
+            return LOGP_SLACK[name]
+    return LOGP_SLACK["float32"]
+
+
+def check_not_logits(
+    backend: Backend, x: Array, name: str, *, mask: Array | None = None, counts: Any = None
+) -> None:
+    """Values above ``LOGP_SLACK`` (times ``counts`` ``(B,)`` for per-sequence sums)
+    cannot be log-probs: ``ValueError`` naming the rows (value check)."""
+    if not inspectable(backend, x):
+        return
+    slack = logp_slack(backend, x)
+    limit: Any = slack
+    if counts is not None and x.ndim == 1:
+        limit = backend.maximum(backend.astype(counts, backend.compute_dtype(x)), 1.0) * slack
+    xc = backend.astype(x, backend.compute_dtype(x))
+    # +inf is reported by check_log_probs (its own message), not as "> 0"
+    bad = (xc > limit) & (xc < float("inf"))
+    if mask is not None and x.ndim == 2:
+        bad = bad & mask
+    if found(backend, bad):
+        raise ValueError(
+            f"{name} holds values > 0 at {rows(backend, _per_row(backend, bad))} (more than the "
+            f"rounding slack {slack:g} per token); log-probs are <= 0: pass log-probs (for "
+            "example from gategrad.token_logps), not logits or rewards"
+        )
 
 
 def check_log_probs(
@@ -169,9 +309,29 @@ def check_mask_rows(backend: Backend, mask: Array, name: str) -> None:
         )
 
 
+def require_mask(mask: Any, name: str) -> None:
+    """A mask is an array of bools or real numbers (nonzero = counts)."""
+    require_array(mask, name)
+    dtype = str(mask.dtype)
+    if not any(k in dtype for k in ("bool", "int", "float")) or "complex" in dtype:
+        raise TypeError(
+            f"{name} must hold bools or numbers (nonzero = counts), got dtype {mask.dtype}"
+        )
+
+
+def require_counts(lengths: Any, name: str) -> None:
+    """Token counts are an array of integers or real numbers (not bools, strings, complex)."""
+    require_array(lengths, name)
+    dtype = str(lengths.dtype)
+    if not any(k in dtype for k in ("int", "float")) or "complex" in dtype:
+        raise TypeError(f"{name} must be real token counts, got dtype {lengths.dtype}")
+
+
 def check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        isinstance(chunk_size, (bool, np.bool_))
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
 
@@ -192,9 +352,23 @@ def check_broadcast(weight_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> 
 
 def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Array | None) -> None:
     """Static checks of ``(B, T, V)`` logits with ``(B, T)`` integer labels and mask."""
+    require_array(logits, "logits")
+    require_array(labels, "labels")
+    if mask is not None:
+        require_mask(mask, "mask")
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
     require_floating(backend, logits, "logits")
+    if int(logits.shape[2]) == 0:
+        raise ValueError(
+            f"logits have V = 0 classes (shape {tuple(logits.shape)}); a vocabulary needs at "
+            "least one entry"
+        )
+    if int(logits.shape[1]) == 0:
+        raise ValueError(
+            f"logits have T = 0 positions (shape {tuple(logits.shape)}): there is no token to "
+            "score; drop empty sequences from the batch"
+        )
     _check_labels_mask(backend, labels, mask, logits, "logits")
 
 
@@ -206,7 +380,7 @@ def check_linear_head(
     labels: Array,
     mask: Array | None,
 ) -> None:
-    """Static checks of :func:`gategrad.fused_token_logps`: ``hidden (B, T, D)``, an output head
+    """Static checks of [`gategrad.fused_token_logps`][]: ``hidden (B, T, D)``, an output head
     ``weight (V, D)`` and ``bias (V,)`` of the dtype of ``hidden``, ``(B, T)`` integer labels and
     mask."""
     if hidden.ndim != 3:
@@ -261,10 +435,34 @@ def _check_labels_mask(
             f"labels must have shape (B, T) = {tuple(like.shape[:2])} to match {like_name} "
             f"{tuple(like.shape)}, got {tuple(labels.shape)}"
         )
-    if backend.is_floating(labels):
+    if backend.is_floating(labels) or "int" not in str(labels.dtype):  # bool, str, complex
         raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
     if mask is not None and tuple(mask.shape) != tuple(labels.shape):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)} but labels have shape {tuple(labels.shape)}; "
             "they must match (B, T)"
         )
+
+
+def valid_labels(
+    backend: Backend, labels: Array, valid: Array, vocab: int, ignore_index: int
+) -> Array:
+    """``valid`` restricted to labels in ``[0, vocab)``.
+
+    Eager: a counted label (``valid``) outside ``[0, vocab)`` raises ``ValueError`` naming the
+    rows. Under tracing such labels are masked: they contribute 0 and are left out of the
+    returned mask (and so of every count taken from it)."""
+    in_range = (labels >= 0) & (labels < vocab)
+    bad = valid & ~in_range
+    if found(backend, bad):
+        where = np.argwhere(np.asarray(backend.to_numpy(bad)))
+        values = np.asarray(backend.to_numpy(labels))
+        shown = ", ".join(
+            f"labels[{i}, {j}] = {int(values[i, j])}" for i, j in where[:4].tolist()
+        ) + (f" ({len(where)} positions in all)" if len(where) > 4 else "")
+        raise ValueError(
+            f"labels hold token ids outside the valid range [0, {vocab}) (other than "
+            f"ignore_index={ignore_index}): {shown}; the logits have V = {vocab} classes: check "
+            f"the tokenizer / vocabulary size, or mark ignored positions with {ignore_index}"
+        )
+    return valid & in_range

@@ -35,10 +35,13 @@ from ``chosen_lengths`` / ``rejected_lengths`` for per-sequence ones; they are n
 is computed in ``promote_types(dtype, float32)``.
 
 **Checks.** Static problems (unknown ``loss_type`` or parameter, ``beta <= 0``, shapes, batch
-sizes) raise ``ValueError`` always, also under tracing. Value problems (NaN or +-inf log-probs
-inside the mask, zero-length responses) raise ``ValueError`` in eager mode only; under
+sizes, an empty batch ``B = 0``) raise ``ValueError`` always, also under tracing. Numeric
+parameters may be Python or NumPy numbers or 0-d arrays (read when concrete); bools are refused.
+Value problems (NaN or +-inf log-probs inside the mask, policy log-probs above 0 beyond a
+rounding slack, zero-length responses) raise ``ValueError`` in eager mode only; under
 ``jax.jit``, ``torch.compile``, ``mx.compile`` or ``vmap`` they are not inspected (that would
-need a device sync or is impossible) and propagate as NaN or inf into the loss. See
+need a device sync or is impossible): NaN or inf log-probs propagate into the loss, and a
+zero-length response counts as one token (its gate weight is 1), so no ``0 / 0`` occurs. See
 [`gategrad.value_checks`][].
 """
 
@@ -49,6 +52,8 @@ import inspect
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, cast
+
+import numpy as np
 
 from . import _validate as check
 from ._backend import Array, Backend
@@ -172,9 +177,12 @@ def _prepare_side(
             f"counts its tokens from {side.mask_name}="
         )
     if lengths is not None:
+        if isinstance(lengths, (bool, np.bool_)):
+            raise TypeError(f"{side.lengths_name} must be token counts, got the bool {lengths!r}")
         if check.is_number(lengths):
             counts = ops.full_like(ops.astype(ops.stop_gradient(policy), cdtype), float(lengths))
         else:
+            check.require_counts(lengths, side.lengths_name)
             if tuple(lengths.shape) != (policy.shape[0],):
                 raise ValueError(
                     f"{side.lengths_name} has shape {tuple(lengths.shape)}; it must be "
@@ -189,6 +197,11 @@ def _prepare_side(
     if counts is not None:
         check.check_counts(ops, counts, side.mask_name if lengths is None else side.lengths_name)
     return maskb, counts
+
+
+def _safe_counts(ops: Backend, counts: Array | None) -> Array | None:
+    """Under tracing (no check) an empty response counts as 1 token: ``h / n`` stays finite."""
+    return None if counts is None else ops.where(counts > 0, counts, 1.0)
 
 
 def _reduce(ops: Backend, x: Array, mask: Array | None, cdtype: Any) -> Array:
@@ -207,6 +220,7 @@ def _masked_mean(ops: Backend, x: Array, mask: Array | None) -> Array:
         return ops.mean(x)
     kept = ops.where(mask, x, 0.0)
     count = ops.sum(ops.sum(ops.astype(mask, x.dtype), axis=-1), axis=-1)
+    count = ops.maximum(count, 1.0)  # no token at all (traced only): 0, not 0 / 0
     return ops.sum(ops.sum(kept, axis=-1), axis=-1) / count
 
 
@@ -283,9 +297,17 @@ def preference_loss(
         with ``g < 0.5``) and ``gate/p_mean`` (the estimator's mean ``p``).
     """
     spec, params = resolve(loss_type, loss_params)
-    check.positive_number("beta", beta)
-    if not check.is_number(sft_weight) or not 0 <= sft_weight < float("inf"):
-        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
+    beta = check.positive_number("beta", beta)
+    try:
+        sft_weight = check.number_in("sft_weight", sft_weight, 0.0, float("inf"))
+        _, sft_value = check.scalar("sft_weight", sft_weight)
+    except ValueError:
+        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}") from None
+    if sft_value is None:
+        raise ValueError(
+            f"sft_weight must be a concrete finite number >= 0 (it switches a term on), got "
+            f"{sft_weight!r}"
+        )
     if gate is not None:
         gate = check.require_gate(gate)
     uses_ref = spec.uses_ref
@@ -313,11 +335,21 @@ def preference_loss(
     for name, x in arrays.items():
         if x is None:
             continue
+        check.require_array(x, name)
         check.require_floating(ops, x, name)
         sizes[name] = _batch_size(x, name)
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
         raise ValueError(f"batch sizes differ ({shown}); every input needs the same B")
+    if 0 in sizes.values():
+        raise ValueError(
+            "the batch is empty (B = 0): a mean loss over no pairs is undefined; skip the step "
+            "(or filter empty batches out of the data loader)"
+        )
+    for name in ("chosen_mask", "rejected_mask"):
+        value = chosen_mask if name == "chosen_mask" else rejected_mask
+        if value is not None:
+            check.require_mask(value, name)
 
     mask_w, len_w = _prepare_side(
         ops, _CHOSEN, policy_chosen_logps, ref_chosen_logps, chosen_mask, chosen_lengths
@@ -331,15 +363,25 @@ def preference_loss(
         rejected_lengths,
     )
     for name, x in arrays.items():
-        if x is not None:
-            check.check_log_probs(
+        if x is None:
+            continue
+        # NaN / inf first (their messages are part of the contract), then "> 0" (logits)
+        check.check_log_probs(
+            ops,
+            x,
+            name,
+            mask=mask_w if "chosen" in name else mask_l,
+            allow_neg_inf=False,
+            hint="a -inf log-prob means a token of probability 0; check the labels, the "
+            "masks and the model's logits",
+        )
+        if name.startswith("policy"):
+            check.check_not_logits(
                 ops,
                 x,
                 name,
                 mask=mask_w if "chosen" in name else mask_l,
-                allow_neg_inf=False,
-                hint="a -inf log-prob means a token of probability 0; check the labels, the "
-                "masks and the model's logits",
+                counts=len_w if "chosen" in name else len_l,
             )
     if spec.needs_lengths(params) and (len_w is None or len_l is None):
         raise ValueError(
@@ -347,7 +389,7 @@ def preference_loss(
             "rejected_lengths= with per-sequence (B,) log-probs, or per-token (B, T) log-probs "
             "with chosen_mask= and rejected_mask="
         )
-    if sft_weight > 0 and len_w is None:
+    if sft_value > 0 and len_w is None:
         raise ValueError(
             "sft_weight > 0 adds a length-normalised NLL of the chosen response: pass "
             "chosen_lengths= with per-sequence (B,) log-probs, or per-token (B, T) log-probs "
@@ -379,13 +421,14 @@ def preference_loss(
                 rejected = ops.where(mask_l, rejected, 0.0)
             rejected, stats = gate_rejected(rejected, gate, mask_l, return_stats=True)
 
+    len_w, len_l = _safe_counts(ops, len_w), _safe_counts(ops, len_l)
     pi_w = _reduce(ops, policy_chosen_logps, mask_w, cdtype)
     pi_l = _reduce(ops, rejected, mask_l, cdtype)
     ref_w = None if ref_chosen_logps is None else _reduce(ops, ref_chosen_logps, mask_w, cdtype)
     ref_l = None if ref_rejected_logps is None else _reduce(ops, ref_rejected_logps, mask_l, cdtype)
 
     loss = ops.mean(spec.formula(ops, Terms(pi_w, pi_l, ref_w, ref_l, len_w, len_l), beta, params))
-    if sft_weight > 0:
+    if sft_value > 0:
         loss = loss + sft_weight * ops.mean(-(pi_w / len_w))
 
     sg = ops.stop_gradient
@@ -621,18 +664,28 @@ def dpo_shift_lambda(
     ``step`` is clipped to ``[0, total_steps]``. Pass the result as ``lam=`` to
     [`dpo_shift_loss`][].
     """
-    if schedule not in SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    total_steps = check.integer("total_steps", total_steps, minimum=1)
+    _, step_value = check.scalar("step", step)
+    if step_value is None or not np.isfinite(step_value):
+        raise ValueError(f"step must be a finite number (an optimizer step), got {step!r}")
+    step_f = float(step_value)
+    values = []
     for name, value in (("lam_min", lam_min), ("lam_max", lam_max)):
-        if not check.is_number(value) or not 0.0 < value <= 1.0:
+        try:
+            _, v = check.scalar(name, value)
+        except ValueError:
+            v = None
+        if v is None or not 0.0 < v <= 1.0:
             raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+        values.append(v)
+    lam_min, lam_max = values
     if lam_min > lam_max:
         raise ValueError(f"lam_min ({lam_min}) must not exceed lam_max ({lam_max})")
     if schedule == "fixed":
         return float(lam_min)
-    frac = min(max(step, 0), total_steps) / total_steps
+    frac = min(max(step_f, 0.0), total_steps) / total_steps
     if schedule == "linear_increase":
         return float(lam_min + (lam_max - lam_min) * frac)
     return float(lam_max - (lam_max - lam_min) * frac)

@@ -30,7 +30,7 @@ from ._dispatch import backend_for
 
 __all__ = ["METRIC_NAMES", "sequence_metrics", "to_numpy"]
 
-#: The per-sequence metrics :func:`sequence_metrics` returns, in order.
+#: The per-sequence metrics ``sequence_metrics`` returns, in order.
 METRIC_NAMES: tuple[str, ...] = ("logp", "argmax_logp", "except_argmax", "top1", "entropy")
 
 
@@ -56,8 +56,13 @@ def sequence_metrics(
 
     Returns:
         ``{"logp", "argmax_logp", "except_argmax", "top1", "entropy"}``, arrays ``(B,)`` of the
-        input's framework without gradient. Rows with no counted position give sums of 0 and
-        means of NaN.
+        input's framework without gradient. Rows with no counted position give 0 for every
+        metric (sums of nothing; means with a safe denominator, never NaN).
+
+    Raises:
+        ValueError: bad shapes (as [`gategrad.token_logps`][]); in eager mode, a counted label
+            outside ``[0, V)``. Under tracing such labels are masked (left out of every metric).
+        TypeError: float or bool labels, integer logits.
 
     ``except_argmax`` is computed as ``logsumexp`` over the non-argmax classes, which stays
     accurate when the top-1 mass is close to 1 (``log(1 - p)`` would round to ``-inf``); tied
@@ -65,6 +70,7 @@ def sequence_metrics(
     """
     ops = backend_for(logits=logits, labels=labels, mask=mask)
     check.check_logits_labels(ops, logits, labels, mask)
+    ignore_index = check.integer("ignore_index", ignore_index)
     x = ops.stop_gradient(logits)
     x = ops.astype(x, ops.compute_dtype(x))
     if shift:
@@ -75,6 +81,7 @@ def sequence_metrics(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & ops.bool_mask(mask)
+    valid = check.valid_labels(ops, labels, valid, int(x.shape[-1]), ignore_index)
 
     logp_all = x - ops.logsumexp(x, axis=-1)[..., None]  # (B, T, V) log-softmax
     top = ops.max(logp_all, axis=-1)  # (B, T) max_v log p(v)
@@ -86,6 +93,7 @@ def sequence_metrics(
     entropy = -ops.sum(probs * logp_all, axis=-1)
 
     count = ops.sum(ops.astype(valid, x.dtype), axis=-1)
+    count = ops.where(count > 0, count, 1.0)  # rows with no counted position: means of 0
 
     def total(v: Array) -> Array:
         return ops.sum(ops.where(valid, v, 0.0), axis=-1)

@@ -30,7 +30,7 @@ import torch
 from ._core import GateStats, broadcast_weight, gate_weights, scale_grad
 from ._dispatch import get_backend
 from ._gate import Gate
-from ._validate import require_gate
+from ._validate import integer, require_gate
 
 __all__ = ["GateHook", "hook"]
 
@@ -59,20 +59,62 @@ def _resolve_rows(spec: RowSpec, n_rows: int, device: torch.device) -> slice | t
         half = n_rows // 2
         return slice(half, n_rows) if spec == "second_half" else slice(0, half)
     if isinstance(spec, slice):
+        if n_rows > 0 and len(range(n_rows)[spec]) == 0:
+            raise ValueError(
+                f"rejected_rows={spec!r} selects no row of the model's {n_rows}-row output; "
+                "pass rows that exist (for TRL's [chosen; rejected] rows: 'second_half')"
+            )
         return spec
     if isinstance(spec, torch.Tensor):
-        if spec.dtype == torch.bool and tuple(spec.shape) != (n_rows,):
-            raise ValueError(
-                f"a boolean rejected_rows must have shape ({n_rows},), got {tuple(spec.shape)}"
+        if spec.dtype == torch.bool:
+            if tuple(spec.shape) != (n_rows,):
+                raise ValueError(
+                    f"a boolean rejected_rows must have shape ({n_rows},), got {tuple(spec.shape)}"
+                )
+            if n_rows > 0 and not bool(spec.any()):
+                raise ValueError("the boolean rejected_rows selects no row; mark at least one")
+            return spec.to(device)
+        if spec.is_floating_point() or spec.is_complex() or spec.ndim != 1:
+            raise TypeError(
+                "rejected_rows as a tensor must be 1-D integer row indices or a boolean (N,) "
+                f"mask, got dtype {spec.dtype} and shape {tuple(spec.shape)}"
             )
-        return spec.to(device)
+        return _check_indices(spec.tolist(), n_rows, device)
     if isinstance(spec, (Sequence, range)):
-        return torch.as_tensor(list(spec), dtype=torch.long, device=device)
+        items = list(spec)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+            raise TypeError(f"rejected_rows indices must be ints, got {items!r}")
+        return _check_indices(items, n_rows, device)
     raise TypeError(
         "rejected_rows must be 'second_half', 'first_half', a slice, a sequence or tensor of row "
         "indices, a boolean tensor, or a callable n_rows -> one of those; got "
         f"{type(spec).__name__}"
     )
+
+
+def _check_indices(items: list[int], n_rows: int, device: torch.device) -> torch.Tensor:
+    """Row indices as a tensor; each in ``[-n_rows, n_rows)``, at least one."""
+    if n_rows > 0 and not items:
+        raise ValueError("rejected_rows selects no row (an empty list of indices)")
+    bad = [i for i in items if not -n_rows <= i < n_rows]
+    if bad:
+        raise ValueError(
+            f"rejected_rows holds indices {bad[:8]} outside the model's {n_rows}-row output "
+            f"(valid: -{n_rows} to {n_rows - 1})"
+        )
+    return torch.as_tensor(items, dtype=torch.long, device=device)
+
+
+def _check_mask(mask: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A response mask must have exactly ``shape`` (no right-alignment, no broadcasting)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"the response mask must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"the response mask has shape {tuple(mask.shape)} but {what} has shape "
+            f"{tuple(shape)}; they must match (one entry per log-prob position)"
+        )
+    return mask
 
 
 def _align_right(x: torch.Tensor, length: int, fill: Any) -> torch.Tensor:
@@ -147,6 +189,12 @@ class GateHook:
         on_stats: Callable[[GateStats], None] | None,
     ) -> None:
         gate = require_gate(gate)
+        ignore_index = integer("ignore_index", ignore_index)
+        if mask is not None and not callable(mask):
+            raise TypeError(
+                "mask= must be a callable (args, kwargs, output) -> bool tensor, got "
+                f"{type(mask).__name__}"
+            )
         if output not in (None, "log_probs", "logits"):
             raise ValueError(f"output must be None, 'log_probs' or 'logits', got {output!r}")
         if rejected_rows is None:
@@ -227,6 +275,10 @@ class GateHook:
         if self.mask_fn is None:
             return None
         mask = self.mask_fn(args, kwargs, output)
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(
+                f"mask= must return a bool torch.Tensor (or None), got {type(mask).__name__}"
+            )
         return None if mask is None else mask.to(torch.bool)
 
     def _labels(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -261,7 +313,7 @@ class GateHook:
                 "response: the output has no label_mask and the model got no labels= or "
                 "shift_labels=. Pass mask=lambda args, kwargs, output: <bool (N, T) tensor>"
             )
-        mask = _align_right(mask.to(lp.device), lp.shape[1], False)
+        mask = _check_mask(mask, tuple(lp.shape), "log_probs").to(lp.device)
         weight = self._row_weights(lp.detach(), mask, rows)
         return lp if weight is None else scale_grad(lp, weight)
 
@@ -286,10 +338,23 @@ class GateHook:
                     "Pass labels= or mask=lambda args, kwargs, output: <bool (N, T-1) tensor>"
                 )
             mask = targets != self.ignore_index
+        mask = _check_mask(mask, tuple(targets.shape), "the shifted labels")
         mask = mask.to(device=logits.device, dtype=torch.bool)
         targets = targets.to(logits.device)
-        if mask.shape[1] != targets.shape[1]:
-            mask = _align_right(mask, targets.shape[1], False)
+        if targets.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"the labels have {targets.shape[0]} rows but the logits {logits.shape[0]}; "
+                "pass the labels of this batch"
+            )
+        vocab = logits.shape[-1]
+        out_of_range = mask & ((targets < 0) | (targets >= vocab))
+        if bool(out_of_range.any()):
+            bad = torch.nonzero(out_of_range.any(-1)).reshape(-1).tolist()
+            raise ValueError(
+                f"the target tokens hold ids outside [0, {vocab}) in rows {bad[:8]} (other than "
+                f"ignore_index={self.ignore_index}); check the tokenizer / vocabulary size"
+            )
+        targets = torch.where(mask, targets, 0)
         # logits position t predicts targets[t]; without pre-shifted labels the last position
         # predicts nothing. Align from the right (prompt-tuning prepends virtual positions,
         # logits_to_keep drops leading ones).

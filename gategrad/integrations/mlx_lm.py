@@ -106,6 +106,17 @@ def sequence_token_logps(model: Callable[[Any], Any], batch: dict[str, Any]) -> 
     return token_logps(model(ids), ids, batch["response_mask"])
 
 
+def _half(n_rows: int) -> int:
+    """``B`` of a ``[chosen; rejected]`` batch of ``2B`` rows; an odd count is refused (its
+    halves would pair a chosen row with the wrong rejected one)."""
+    if n_rows % 2:
+        raise ValueError(
+            f"the batch has {n_rows} rows; it must hold [chosen; rejected] rows, an even number "
+            "(build it with gategrad.integrations.mlx_lm.make_batch)"
+        )
+    return n_rows // 2
+
+
 def reference_logps(ref_model: Callable[[Any], Any], batch: dict[str, Any]) -> dict[str, Any]:
     """The reference model's per-token log-probs ``{'ref_chosen_logps', 'ref_rejected_logps'}``.
 
@@ -115,7 +126,7 @@ def reference_logps(ref_model: Callable[[Any], Any], batch: dict[str, Any]) -> d
     mx = _mx()
     logps, _ = sequence_token_logps(ref_model, batch)
     logps = mx.stop_gradient(logps)
-    n = logps.shape[0] // 2
+    n = _half(int(logps.shape[0]))
     return {"ref_chosen_logps": logps[:n], "ref_rejected_logps": logps[n:]}
 
 
@@ -139,7 +150,7 @@ def make_loss_fn(
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         logps, mask = sequence_token_logps(model, batch)
-        n = logps.shape[0] // 2
+        n = _half(int(logps.shape[0]))
         refs: tuple[Any, Any] | tuple[()] = ()
         if loss_type != "simpo":
             if ref_model is not None:
