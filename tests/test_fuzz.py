@@ -106,6 +106,8 @@ def same_verdict(got: Any, ref: Any) -> bool:
 
 
 def to_np(x: Any) -> np.ndarray:
+    if isinstance(x, (np.ndarray, np.generic)):
+        return np.asarray(x, dtype=np.float64)
     return np.asarray(gategrad.testing.to_numpy(x), dtype=np.float64)
 
 
