@@ -74,6 +74,7 @@ _BACKEND = [
     "tests/test_gate.py",
     "tests/test_gate_rejected.py",
     "tests/test_token_logps.py",
+    "tests/test_fused.py",
     "tests/test_losses.py",
     "tests/test_dispatch.py",
     "tests/test_kit.py",

@@ -115,7 +115,9 @@ def _check_vjp(backend, mode, batch, gate, estimator, granularity) -> None:
         assert np.isfinite(grad).all()
         if mode == "eager":
             np.testing.assert_array_equal(grad, own)
-        else:
+        else:  # compiled: the same float32 ops fused and reordered (the estimator's mean or
+            # quantile over T <= 8 tokens feeds g): 8 ulps of each entry (1e-6 relative) and
+            # 8 ulps of the largest, for entries whose g sits on a steep part of the gate
             np.testing.assert_allclose(grad, own, rtol=1e-6, atol=1e-6 * np.abs(own).max())
         ref = gategrad.gate_rejected_vjp(
             batch["logps"].astype(dtype), batch["cot"].astype(dtype), gate, batch["mask"]
@@ -185,6 +187,9 @@ def test_per_sequence_input_uses_seq_estimator(backend: str) -> None:
     by_seq = gategrad.gate_weights(
         from_numpy(backend, seq, f64), gate, lengths=from_numpy(backend, mask.sum(-1), f64)
     )
+    # float64 everywhere but MLX, whose CPU float64 exp/log run at float32 precision (see
+    # test_gate.py): the two routes differ only in the order of T <= 6 additions, far below
+    # 1e-12 in float64; on MLX 1e-6 is 8 float32 ulps of p and g in (0, 1]
     tol = 1e-6 if backend == "mlx" else 1e-12
     np.testing.assert_allclose(to_numpy(by_seq.weight), to_numpy(by_tokens.weight), atol=tol)
     np.testing.assert_allclose(to_numpy(by_seq.p), np.exp(seq / mask.sum(-1)), rtol=tol)
@@ -362,6 +367,9 @@ def test_mlx_vmap_and_compile() -> None:
     def loss(x):
         return (gate_rejected(x, gate) * mv).sum()
 
+    # float32 against the float64 NumPy vjp of the same float32 inputs: g * v with |v| <= ~3
+    # and g in [0, 1], where g's own float32 rounding (exp, the q10 interpolation, the
+    # sigmoid: a few ulps of 1) dominates: 1e-6 absolute is ~3 ulps of the largest entry
     np.testing.assert_allclose(np.array(mx.compile(mx.grad(loss))(mx.array(logps))), ref, atol=1e-6)
     rows = mx.vmap(mx.grad(lambda x, vv: (gate_rejected(x[None], gate) * vv).sum()))
     np.testing.assert_allclose(np.array(rows(mx.array(logps), mv)), ref, atol=1e-6)

@@ -97,6 +97,10 @@ def test_gate_one_is_plain_and_gate_zero_detaches_rejected(setup):
     loss_d, _, gd = flat_grads(model, detached, batch)
     loss0, _, g0 = flat_grads(model, gm.make_loss_fn(gate=GATE_ZERO, ref_model=ref), batch)
     assert loss0.item() == loss_d.item() == plain_loss.item()
+    # float32: the gated graph (g = 0) and the detached one send the same zero into the
+    # rejected rows, but MLX may fuse and order the backward's reductions differently in the
+    # two graphs: a sum over B*T <= 64 positions per weight entry, each product O(1), is
+    # within ~64 ulps of the largest term (1e-5 relative); 1e-7 absolute for entries near 0
     for k, v in gd.items():
         np.testing.assert_allclose(np.array(g0[k]), np.array(v), rtol=1e-5, atol=1e-7)
     assert any(not np.allclose(np.array(g0[k]), np.array(plain[k])) for k in plain)

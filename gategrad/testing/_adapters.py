@@ -48,7 +48,10 @@ def from_numpy(name: str, a: Any, dtype: str | None = None) -> Any:
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """Any framework's array as NumPy (bfloat16 is widened to float32)."""
+    """Any framework's array (or a NumPy scalar, as NumPy losses return) as NumPy (bfloat16
+    is widened to float32)."""
+    if isinstance(x, np.generic):
+        return np.asarray(x)
     name = framework_of(x)
     if name is None:
         return np.asarray(x)
