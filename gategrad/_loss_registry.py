@@ -133,8 +133,15 @@ def _robust(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
     return (-(1.0 - eps) * ops.log_sigmoid(z) + eps * ops.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
 
 
+def _relu(ops: Backend, x: Array) -> Array:
+    """``max(x, 0)`` with derivative 0 at ``x = 0`` on every backend (``torch.relu``'s
+    convention; ``maximum``'s subgradient at a tie is 1 in torch's ``clamp`` and 0.5 in JAX,
+    and DPOP's penalty sits exactly at 0 on the first step, where the policy is the reference)."""
+    return ops.where(x > 0, x, 0.0)
+
+
 def _hinge(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
-    return ops.maximum(1.0 - beta * (t.h_w - t.h_l), 0.0)
+    return _relu(ops, 1.0 - beta * (t.h_w - t.h_l))
 
 
 def _ipo(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
@@ -165,7 +172,7 @@ def _simpo(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
 
 
 def _dpop(ops: Backend, t: Terms, beta: Any, p: dict[str, Any]) -> Array:
-    penalty = ops.maximum(t.ref_w - t.pi_w, 0.0)
+    penalty = _relu(ops, t.ref_w - t.pi_w)
     return -ops.log_sigmoid(beta * (t.h_w - t.h_l - p["dpop_lambda"] * penalty))
 
 

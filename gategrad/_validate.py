@@ -364,6 +364,11 @@ def check_logits_labels(backend: Backend, logits: Array, labels: Array, mask: Ar
             f"logits have V = 0 classes (shape {tuple(logits.shape)}); a vocabulary needs at "
             "least one entry"
         )
+    if int(logits.shape[0]) == 0:
+        raise ValueError(
+            f"logits have B = 0 rows (shape {tuple(logits.shape)}): an empty batch has nothing "
+            "to score; skip the call for an empty micro-batch"
+        )
     if int(logits.shape[1]) == 0:
         raise ValueError(
             f"logits have T = 0 positions (shape {tuple(logits.shape)}): there is no token to "
