@@ -78,40 +78,104 @@ class _ScaleGrad(torch.autograd.Function):
         return (grad.to(weight.dtype) * weight).to(grad.dtype), None
 
 
-class _ChunkLogps(torch.autograd.Function):
-    """``(log_softmax(block)[idx], logsumexp(block))`` in ``dtype``; differentiable in the first
-    output only. Saves ``block`` (a view of the logits), ``idx`` and the ``logsumexp``
-    ``(rows, cols)``: nothing of size ``B * T * V``."""
+class _TokenLogps(torch.autograd.Function):
+    """``(logps, lse)`` of ``(B, T, V)`` logits at ``idx`` ``(B, T)``, in ``dtype``:
+    ``log_softmax(x)[idx]`` and ``logsumexp(x)``, differentiable in ``logps`` only.
+
+    One Function over all the positions: the forward writes no log-softmax of its own (eager:
+    each chunk's ``log_softmax`` goes into one reused chunk-sized scratch buffer, of which one
+    value per position is read); it saves the logits (a view), ``idx`` and the ``(B, T)``
+    log-sum-exp. The backward writes ``g * (onehot - softmax(x))`` chunk by chunk, in place,
+    into one preallocated gradient. Under ``torch.compile``, ``torch.func`` and a recorded
+    (``create_graph``) backward both passes are out-of-place formulas over the whole tensor
+    (the compiler fuses them; autograd differentiates them)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(block: Any, idx: Any, dtype: Any) -> Any:
-        out = block.log_softmax(-1, dtype=dtype).gather(-1, idx)[..., 0]
-        return out, block.gather(-1, idx)[..., 0].to(dtype) - out
+    def forward(x: Any, idx: Any, dtype: Any, positions: int) -> Any:
+        picked = x.gather(-1, idx[..., None])[..., 0].to(dtype)
+        if not _eager(x, idx):
+            lse = torch.logsumexp(x.to(dtype), -1)
+            return picked - lse, lse
+        out = torch.empty(idx.shape, dtype=dtype, device=x.device)
+        parts = _Chunks(x, positions)
+        scratch = torch.empty(parts.scratch_elements, dtype=dtype, device=x.device)
+        out_flat, idx_flat = out.view(-1), idx.reshape(-1)
+        for p0, p1 in parts.ranges():
+            xc = parts.take(x, p0, p1)
+            s = scratch[: (p1 - p0) * xc.shape[-1]].view(xc.shape)
+            if xc.dtype == dtype:
+                torch.log_softmax(xc, -1, out=s)
+            else:  # the cast into the buffer, then in place (log_softmax(dtype=) would copy)
+                torch.log_softmax(s.copy_(xc), -1, out=s)
+            out_flat[p0:p1] = s.gather(-1, idx_flat[p0:p1, None])[:, 0]
+        del scratch
+        return out, picked - out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        block, idx, _ = inputs
+        x, idx, _, positions = inputs
         _, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(block, idx, lse)
+        ctx.save_for_backward(x, idx, lse)
+        ctx.positions = positions
 
     @staticmethod
     def backward(ctx: Any, grad: Any, _grad_lse: Any) -> Any:
-        # d out / d block = onehot(idx) - softmax(block)
-        block, idx, lse = ctx.saved_tensors
-        g = grad[..., None]
+        # d logps / d x = onehot(idx) - softmax(x)
+        x, idx, lse = ctx.saved_tensors
+        g = grad.to(lse.dtype)[..., None]
         if torch.is_grad_enabled():  # create_graph: a formula autograd differentiates
-            soft = torch.softmax(block.to(lse.dtype), -1)
-            gx = (soft * -g).scatter_add(-1, idx, g)
-        elif torch.compiler.is_compiling() or _is_functorch_wrapped(grad, block):
-            soft = torch.exp(block.to(lse.dtype) - lse[..., None])  # out of place
-            gx = (soft * -g).scatter_add(-1, idx, g)
-        else:  # eager: one (rows, cols, V) allocation, the rest in place
-            soft = block.to(lse.dtype).sub(lse[..., None]).exp_()
-            gx = soft.mul_(-g).scatter_add_(-1, idx, g)
-        return gx.to(block.dtype), None, None
+            soft = torch.softmax(x.to(lse.dtype), -1)
+            gx = (soft * -g).scatter_add(-1, idx[..., None], g)
+            return gx.to(x.dtype), None, None, None
+        if not _eager(x, idx, grad):  # torch.compile, torch.func: out of place, fused
+            soft = torch.exp(x.to(lse.dtype) - lse[..., None])
+            gx = (soft * -g).scatter_add(-1, idx[..., None], g)
+            return gx.to(x.dtype), None, None, None
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        parts = _Chunks(x, ctx.positions)
+        g_flat, idx_flat = g.to(x.dtype).reshape(-1, 1), idx.reshape(-1, 1)
+        for p0, p1 in parts.ranges():
+            # the softmax written into the gradient itself (low precision: computed in float32
+            # by the kernel, rounded once into the gradient's dtype), then scaled in place
+            gp = g_flat[p0:p1]
+            gc = torch.softmax(parts.take(x, p0, p1), -1, out=parts.take(gx, p0, p1))
+            gc.mul_(-gp).scatter_add_(-1, idx_flat[p0:p1], gp)
+        return gx, None, None, None
+
+
+class _Chunks:
+    """Chunks of the positions ``p = b * T + t`` of ``(B, T, V)`` ``x``: ranges ``[p0, p1)``
+    whose rows :meth:`take` returns as a ``(p1 - p0, V)`` view, without a copy, of ``x`` or of
+    any tensor of its shape. Slices of ``x.view(B * T, V)`` when ``x`` is contiguous, else
+    chunks within one batch row (``logits[:, :-1]``, say, which no flat view covers)."""
+
+    def __init__(self, x: Any, positions: int) -> None:
+        batch, length, vocab = x.shape
+        self.shape = (batch, length, vocab)
+        self.flat = x.is_contiguous()
+        self.step = max(1, min(positions, batch * length if self.flat else length))
+        self.scratch_elements = self.step * vocab
+
+    def ranges(self) -> list[tuple[int, int]]:
+        batch, length, _ = self.shape
+        if self.flat:
+            n = batch * length
+            return [(p0, min(p0 + self.step, n)) for p0 in range(0, n, self.step)]
+        return [
+            (b * length + t0, b * length + min(t0 + self.step, length))
+            for b in range(batch)
+            for t0 in range(0, length, self.step)
+        ]
+
+    def take(self, t: Any, p0: int, p1: int) -> Any:
+        batch, length, vocab = self.shape
+        if self.flat:
+            return t.view(batch * length, vocab)[p0:p1]
+        b, t0 = divmod(p0, length)
+        return t[b, t0 : t0 + (p1 - p0)]
 
 
 def _tile_logits(h: Any, w: Any, b: Any) -> Any:
@@ -477,23 +541,18 @@ class TorchBackend(Backend):
     def token_logps(
         self, logits: Array, labels: Array, cdtype: Any, chunk: tuple[int, int], explicit: bool
     ) -> Array:
-        """Fused ``log_softmax`` + gather per chunk, chunks from ``split``.
+        """One ``autograd.Function`` over all the ``(B, T)`` positions (``_TokenLogps``).
 
-        ``split`` has one backward node that concatenates the chunks' gradients (slices would each
-        add a zero-padded ``(B, T, V)`` gradient). Each chunk is one autograd function: the forward
-        runs the fused ``log_softmax`` kernel (``dtype=float32`` casts bf16/fp16 chunks inside it)
-        and keeps no log-softmax; the backward forms ``onehot - softmax`` from the saved
-        ``logsumexp`` in one pass.
+        Forward: per chunk of ``rows * cols`` positions, the fused ``log_softmax`` written into
+        one reused chunk buffer, of which the label's value is read (no log-softmax output, no
+        ``(B, T, V)`` temporary). Backward: ``g * (onehot - softmax)`` written chunk by chunk,
+        in place, into one preallocated gradient (low precision: through a float32 chunk
+        buffer), so the peak is the gradient and one chunk. Under ``torch.compile``,
+        ``torch.func`` and ``create_graph`` both are formulas over the whole tensor.
         """
         rows, cols = chunk
-        out_rows = []
-        for xb, yb in zip(logits.split(rows, 0), labels.split(rows, 0), strict=True):
-            pieces = [
-                _ChunkLogps.apply(xc, yc[..., None], cdtype)[0]
-                for xc, yc in zip(xb.split(cols, 1), yb.split(cols, 1), strict=True)
-            ]
-            out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-        return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+        logps, _ = _TokenLogps.apply(logits, labels, cdtype, rows * cols)
+        return logps
 
     def fused_linear_logps(
         self,

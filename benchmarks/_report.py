@@ -115,12 +115,40 @@ def _header(meta: dict[str, Any]) -> list[str]:
             if meta["smoke"]
             else ""
         ),
+        f"- subnormals: {_subnormals(meta.get('subnormals', {}))}",
+        f"- state: {meta.get('state', '-')}",
         "",
         "Time ratios: **median** [interquartile range] (min-max) of the per-repetition ratio "
         "(variants interleaved), then the ratio of the fastest calls. Memory ratios: gated / "
         "ungated peak (difference in MiB; '-' where both are below 1 MiB).",
         "",
     ]
+
+
+def _subnormals(policies: dict[str, Any]) -> str:
+    parts = []
+    for fw, p in policies.items():
+        if "error" in p:
+            parts.append(f"{fw}: check failed ({p['error']})")
+        else:
+            state = "flushed" if p.get("flushed") else "NOT flushed"
+            parts.append(f"{fw}: {p['policy']}, {state} (checked)")
+    return "; ".join(parts) or "-"
+
+
+def _drift(check: dict[str, Any] | None) -> list[str]:
+    if not check:
+        return []
+    if "failed" in check:
+        return ["## Drift self-check: **FAILED**", "", check["failed"], ""]
+    worst = max(check["drift"].items(), key=lambda kv: abs(kv[1]), default=None)
+    text = (
+        f"Ran on {len(check['drift'])} baseline series (limit ±{check['limit']:.0%}: median "
+        "of the last third of a baseline's step times over that of the first third); passed"
+    )
+    if worst is not None:
+        text += f", largest drift {worst[1]:+.1%} ({worst[0]})"
+    return ["## Drift self-check", "", text + ".", ""]
 
 
 def _step(step: dict[str, Any]) -> list[str]:
@@ -260,6 +288,7 @@ def render(report: dict[str, Any]) -> str:
     lines = _header(report["meta"])
     if "step" in report:
         lines += _step(report["step"])
+        lines += _drift(report.get("drift_check"))
     if report.get("gate_cost"):
         lines += _gate_cost(report["gate_cost"])
     if report.get("mechanism"):

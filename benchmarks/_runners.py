@@ -157,16 +157,15 @@ class StepRunner:
         self.mode, self.variant, self.device, self.compiler = mode, variant, device, compiler
         self.note = ""
         np_params, batch = step_inputs(size)
-        like = place(b, device)
-        self.params = {k: b.from_numpy(np.array(v), like=like) for k, v in np_params.items()}
+        self.like = like = place(b, device)
+        self.initial = np_params
         self.batch = (
             b.as_index(b.from_numpy(batch["input_ids"], like=like)),
             b.from_numpy(batch["response_mask"], like=like),
             b.from_numpy(batch["ref_logps"], like=like),
         )
         b.evaluate(*self.batch)
-        self.optimizer = b.adamw(self.params, LR, WEIGHT_DECAY)
-        self.opt_state = self.optimizer.init(self.params)
+        self.reset()
         cfg = model_config(size)
         gate = variant.make_gate()
 
@@ -187,6 +186,23 @@ class StepRunner:
         if mode.compile == "step":
             example = (self.params, self.opt_state, *self.batch)
             self.train = self._compile(self.train_step, example_args=example, donate=(0, 1))
+
+    def reset(self) -> None:
+        """Back to the initial state: fresh copies of the initial parameters and a fresh
+        optimizer (its state initialised). Called before every step, outside the timed region,
+        so that every step of every variant starts from the same model and optimizer state."""
+        b = self.backend
+        self.params = {
+            k: b.from_numpy(np.array(v), like=self.like) for k, v in self.initial.items()
+        }
+        self.optimizer = b.adamw(self.params, LR, WEIGHT_DECAY)
+        self.opt_state = self.optimizer.init(self.params)
+        b.evaluate(self.params, self.opt_state)
+
+    def fresh_step(self) -> None:
+        """:meth:`reset`, then :meth:`step` (for the memory measurements)."""
+        self.reset()
+        self.step()
 
     def _compile(self, fn: Callable[..., Any], **options: Any) -> Any:
         # reset=False: the variants' graphs (and the shared model's) stay compiled together
@@ -212,7 +228,7 @@ class StepRunner:
 
     def warmup(self, steps: int) -> None:
         try:
-            self.step()
+            self.fresh_step()
         except Exception as err:  # a graph break under fullgraph=True: fall back, and say so
             if self.mode.compile != "regions":
                 raise
@@ -222,12 +238,13 @@ class StepRunner:
             )
             self.note = "graph break in the loss: compiled with fullgraph=False"
             self.loss = self._compile(self.loss_eager, fullgraph=False)
-            self.step()
+            self.fresh_step()
         for _ in range(steps - 1):
-            self.step()
+            self.fresh_step()
 
     def framework_peak(self) -> dict[str, Any]:
         """The framework's own peak-memory counter over one step, where it has one."""
+        self.reset()
         return _memory.framework_peak(self.backend, self.step, self.train, self.device)
 
 

@@ -39,6 +39,7 @@ from ._config import (
     log,
 )
 from ._runners import LOGPS_NEEDS, LogpsCase, StepRunner, loss_only_fn, measures_rss
+from ._state import drift
 from ._timing import Times, added_us, median_ms, time_ratios, timed_group
 
 
@@ -53,10 +54,16 @@ def guarded(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def clocked_group(
-    cfg: Config, label: str, fns: dict[str, Callable[[], Any]], budget_s: float
+    cfg: Config,
+    label: str,
+    fns: dict[str, Callable[[], Any]],
+    budget_s: float,
+    prepare: dict[str, Callable[[], Any]] | None = None,
 ) -> tuple[Times, int]:
     """:func:`timed_group` with the budget the run's clock allows of ``budget_s``."""
-    return timed_group(label, fns, lambda: cfg.clock.budget(budget_s), cfg.min_reps, cfg.max_reps)
+    return timed_group(
+        label, fns, lambda: cfg.clock.budget(budget_s), cfg.min_reps, cfg.max_reps, prepare
+    )
 
 
 def skipped(framework: str) -> dict[str, Any] | None:
@@ -117,8 +124,14 @@ def step_mode(cfg: Config, mode: StepMode, variants: tuple[Variant, ...]) -> dic
         runners[v.name] = runner
     log(f"step/{mode.name}: set-up took {time.perf_counter() - t0:.0f} s")
     times, reps = clocked_group(
-        cfg, f"step/{mode.name}", {n: r.step for n, r in runners.items()}, cfg.step_budget_s
+        cfg,
+        f"step/{mode.name}",
+        {n: r.step for n, r in runners.items()},
+        cfg.step_budget_s,
+        prepare={n: r.reset for n, r in runners.items()},
     )
+    # the drift self-check's input: each baseline's step times in run order
+    baseline_times = {v.name: times[v.name] for v in variants if v.baseline is None}
     rows: dict[str, Any] = {}
     for v in variants:
         row: dict[str, Any] = {"median_ms": median_ms(times[v.name]), "setup_s": setup[v.name]}
@@ -160,6 +173,8 @@ def step_mode(cfg: Config, mode: StepMode, variants: tuple[Variant, ...]) -> dic
         "reps": reps,
         "variants": rows,
         "mechanism": mech,
+        "baseline_times_s": baseline_times,
+        "baseline_drift": {n: drift(t) for n, t in baseline_times.items()},
     }
 
 
@@ -335,7 +350,7 @@ def child_main(spec: dict[str, Any]) -> None:
             mode = STEP_MODES[spec["mode"]]
             runner = StepRunner(mode, variant, size, spec["device"], compiler)
             runner.warmup(spec["warmup"])
-            result = _memory.memory_phase(runner.step, spec["steps"])
+            result = _memory.memory_phase(runner.fresh_step, spec["steps"])
         else:
             data = logps_inputs(spec["rows"], spec["seq"], spec["vocab"])
             case = LogpsCase(spec["fw"], spec["impl"], data, spec["pass"], spec["device"])

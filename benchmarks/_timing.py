@@ -33,19 +33,29 @@ def ratio_stats(ratios: list[float]) -> dict[str, Any]:
     }
 
 
-def interleave(fns: dict[str, Callable[[], Any]], reps: int) -> Times:
+Prepare = dict[str, Callable[[], Any]]
+
+
+def interleave(
+    fns: dict[str, Callable[[], Any]], reps: int, prepare: Prepare | None = None
+) -> Times:
     """Seconds per call of each function; every repetition calls each once, in rotated order.
 
-    The garbage collector is paused while timing (collected before), as in ``timeit``.
+    ``prepare[name]()``, where given, runs before each call of ``fns[name]``, outside the timed
+    region (the state restore of a training step). The garbage collector is paused while timing
+    (collected before), as in ``timeit``.
     """
     names = list(fns)
     times: Times = {n: [] for n in names}
+    prepare = prepare or {}
     gc.collect()
     gc.disable()
     try:
         for r in range(reps):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                if name in prepare:
+                    prepare[name]()
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
@@ -66,17 +76,20 @@ def timed_group(
     budget_s: Callable[[], float],
     min_reps: int,
     max_reps: int,
+    prepare: Prepare | None = None,
 ) -> tuple[Times, int]:
     """Time the (warmed-up) ``fns`` interleaved: one more call each plans the repetitions that
     fit ``budget_s()`` (asked after that call); returns the times and the repetitions."""
     per_rep = 0.0
-    for fn in fns.values():
+    for name, fn in fns.items():
+        if prepare and name in prepare:
+            prepare[name]()
         t0 = time.perf_counter()
         fn()
         per_rep += time.perf_counter() - t0
     reps = plan_reps(per_rep, budget_s(), min_reps, max_reps)
     log(f"{label}: {reps} interleaved repetitions of {len(fns)} (~{per_rep:.2f} s each)")
-    return interleave(fns, reps), reps
+    return interleave(fns, reps, prepare), reps
 
 
 def median_ms(seconds: list[float]) -> float:

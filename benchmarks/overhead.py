@@ -16,6 +16,13 @@ Sections (docs/benchmarks.md explains how to read the tables):
 3. ``mechanism``: the custom-gradient primitive (``gate_weights`` + :func:`gategrad.scale_grad`)
    against the naive detach mix ``g * x + stop_gradient((1 - g) * x)``, on the same step.
 
+State and subnormals (``benchmarks/_state.py``): every timed step of every variant starts from
+the same model and optimizer state, restored outside the timed region; torch flushes
+subnormals (set before its thread pool starts, checked in every thread), XLA flushes them by
+default, MLX cannot (the restore keeps them away). A self-check fails the run (exit status 3,
+after the report is written) when a baseline's step time drifts by more than
+``--drift-limit`` between the first and the last third of its repetitions.
+
 Timing: the variants of one group run interleaved (A B C A B C ..., the order rotating every
 repetition) in one process, after warm-up (compilation) steps, so that machine drift cancels in
 the per-repetition ratio ``t(variant) / t(baseline)``. Reported: the median ratio, its
@@ -73,6 +80,7 @@ from benchmarks._sections import (
     section_logps,
     section_step,
 )
+from benchmarks._state import DRIFT_LIMIT, DriftError, check_drift, subnormal_policy
 
 HERE = Path(__file__).resolve().parent
 
@@ -122,6 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=4.0,
         help="seconds of interleaved timing per log-prob group, at most",
+    )
+    p.add_argument(
+        "--drift-limit",
+        type=float,
+        default=DRIFT_LIMIT,
+        help="fail (exit status 3) when a baseline's step time changes by more than this "
+        "fraction between the first and the last third of its interleaved repetitions",
     )
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--max-reps", type=int, default=40)
@@ -213,6 +228,8 @@ def smoke_environment() -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # first thing, before any framework computes: torch's thread pool must not have started
+    subnormals = subnormal_policy()
     if args._child is not None:
         with quiet_warnings():
             child_main(json.loads(args._child))
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mlx_step_size": dataclasses.asdict(cfg.mlx_size),
             "logps_size": dataclasses.asdict(cfg.logps_size),
             "machine": machine(),
+            "subnormals": subnormals,
+            "state": "every timed step of every variant starts from the initial parameters "
+            "and a fresh optimizer (restored outside the timed region)",
         }
     }
     with quiet_warnings():
@@ -242,6 +262,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["gate_cost"] = section_gate_cost(cfg, report["step"])
         if "logps" in cfg.sections:
             report["logps"] = section_logps(cfg)
+    failure = None
+    if "step" in cfg.sections:
+        series = {
+            f"{mode}/{name}": ts
+            for mode, res in report["step"].items()
+            for name, ts in res.get("baseline_times_s", {}).items()
+        }
+        try:
+            report["drift_check"] = check_drift(series, args.drift_limit)
+        except DriftError as err:
+            failure = err
+            report["drift_check"] = {"limit": args.drift_limit, "failed": str(err)}
     report["meta"]["total_s"] = cfg.clock.elapsed()
     with contextlib.suppress(OSError):
         report["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -252,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "overhead.md").write_text(md + "\n")
     print(md)
     log(f"wrote {out}/overhead.json and overhead.md; total {report['meta']['total_s']:.0f} s")
+    if failure is not None:
+        print(f"overhead.py: DRIFT CHECK FAILED: {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     return report
 
 

@@ -68,6 +68,7 @@ def test_help_lists_every_flag() -> None:
         "--max-reps",
         "--rss",
         "--torch-backend",
+        "--drift-limit",
     ):
         assert flag in proc.stdout, flag
 
@@ -153,3 +154,64 @@ def test_smoke_ratios_are_finite(smoke: dict[str, Any]) -> None:
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v))
     ]
     assert not bad, bad[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurement design: the drift self-check, the state restore, the subnormal policy
+
+
+def test_drift_check_fails_on_a_drifting_series() -> None:
+    """The self-check raises on the drift it exists for: the ungated torch step times measured
+    before the state restore (0.4 s climbing to 21 s as the weights went subnormal)."""
+    from benchmarks._state import DriftError, check_drift, drift
+
+    drifting = [0.41, 0.44, 0.40, 1.8, 14.5, 20.3, 21.3, 21.0, 20.8]
+    # first third [0.41, 0.44, 0.40] (median 0.41), last third [21.3, 21.0, 20.8] (median 21.0)
+    assert drift(drifting) == pytest.approx(21.0 / 0.41 - 1.0)
+    with pytest.raises(DriftError, match=r"drifted by more than 50%.*torch-eager/ungated"):
+        check_drift({"torch-eager/ungated": drifting, "jax-jit/ungated": [1.0] * 9}, 0.5)
+    speeding_up = [2.0, 2.1, 1.9, 1.0, 1.0, 1.0]  # a drift either way fails: -50% < -40%
+    with pytest.raises(DriftError):
+        check_drift({"x": speeding_up}, 0.4)
+    steady = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.1, 0.9, 1.0]  # load noise, no trend
+    result = check_drift({"x": steady}, 0.5)
+    assert result["drift"]["x"] == pytest.approx(1.0 / 1.0 - 1.0)
+    assert result["limit"] == 0.5 and result["points"] == {"x": 9}
+
+
+def test_state_restore_makes_every_step_start_from_the_same_state() -> None:
+    """Two steps each after ``reset`` give the same parameters; two steps in a row do not
+    (the restore is what makes them equal)."""
+    pytest.importorskip("torch")
+    from benchmarks._config import STEP_MODES, STEP_SMOKE, UNGATED
+    from benchmarks._runners import StepRunner
+
+    runner = StepRunner(STEP_MODES["torch-eager"], UNGATED, STEP_SMOKE, "cpu", "eager")
+    b = runner.backend
+
+    def snapshot() -> dict[str, Any]:
+        return {k: b.to_numpy(v).copy() for k, v in runner.params.items()}
+
+    runner.fresh_step()
+    first = snapshot()
+    runner.fresh_step()
+    again = snapshot()
+    runner.step()  # no restore: a second AdamW step moves the parameters further
+    second = snapshot()
+    assert all((first[k] == again[k]).all() for k in first)
+    assert any((first[k] != second[k]).any() for k in first)
+
+
+@pytest.mark.slow
+def test_smoke_ran_the_drift_check_and_the_subnormal_policy(smoke: dict[str, Any]) -> None:
+    check = smoke["drift_check"]
+    assert "failed" not in check, check
+    ran = {f"{mode}/ungated" for mode, fw in MODES.items() if gategrad.is_available(fw)}
+    assert ran <= set(check["drift"]), (ran, check)
+    assert all(math.isfinite(d) for d in check["drift"].values())
+    assert "## Drift self-check" in smoke["_markdown"]
+    policy = smoke["meta"]["subnormals"]
+    if gategrad.is_available("torch"):
+        assert policy["torch"]["flushed"] is True, policy
+    if gategrad.is_available("jax"):
+        assert policy["jax"]["flushed"] is True, policy
