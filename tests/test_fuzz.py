@@ -32,6 +32,7 @@ from typing import Any
 import gategrad.backends
 import numpy as np
 import pytest
+from _backends import ALL, dtypes, skip_unless
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
@@ -39,7 +40,6 @@ import gategrad
 from gategrad import Gate
 from gategrad.losses import LOSS_PARAMS, LOSS_TYPES
 from gategrad.testing._closed_form import gate_grad, loss_grads
-from tests._backends import ALL, dtypes, skip_unless
 
 _OWN_CODE = (
     str(Path(gategrad.__file__).resolve().parent),
