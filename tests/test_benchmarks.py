@@ -8,6 +8,7 @@ answered.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -31,6 +32,18 @@ def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
     if isinstance(node, list):
         return [kv for i, v in enumerate(node) for kv in _walk(v, f"{path}/{i}")]
     return [(path, node)]
+
+
+def _benchmarks(name: str) -> Any:
+    """``benchmarks.<name>`` from the repository: ``benchmarks/`` is not installed (a clean
+    ``pip install .`` has no such package), so the repository root goes on the path only
+    while it is imported; ``gategrad`` itself stays the installed one (already imported)."""
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    finally:
+        sys.path.remove(root)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +176,8 @@ def test_smoke_ratios_are_finite(smoke: dict[str, Any]) -> None:
 def test_drift_check_fails_on_a_drifting_series() -> None:
     """The self-check raises on the drift it exists for: the ungated torch step times measured
     before the state restore (0.4 s climbing to 21 s as the weights went subnormal)."""
-    from benchmarks._state import DriftError, check_drift, drift
+    state = _benchmarks("_state")
+    DriftError, check_drift, drift = state.DriftError, state.check_drift, state.drift
 
     drifting = [0.41, 0.44, 0.40, 1.8, 14.5, 20.3, 21.3, 21.0, 20.8]
     # first third [0.41, 0.44, 0.40] (median 0.41), last third [21.3, 21.0, 20.8] (median 21.0)
@@ -183,8 +197,9 @@ def test_state_restore_makes_every_step_start_from_the_same_state() -> None:
     """Two steps each after ``reset`` give the same parameters; two steps in a row do not
     (the restore is what makes them equal)."""
     pytest.importorskip("torch")
-    from benchmarks._config import STEP_MODES, STEP_SMOKE, UNGATED
-    from benchmarks._runners import StepRunner
+    config, runners = _benchmarks("_config"), _benchmarks("_runners")
+    STEP_MODES, STEP_SMOKE, UNGATED = config.STEP_MODES, config.STEP_SMOKE, config.UNGATED
+    StepRunner = runners.StepRunner
 
     runner = StepRunner(STEP_MODES["torch-eager"], UNGATED, STEP_SMOKE, "cpu", "eager")
     b = runner.backend
