@@ -108,7 +108,7 @@ def same_verdict(got: Any, ref: Any) -> bool:
 def eps_of(backend: str, dtype: str) -> float:
     """The compute precision: MLX's CPU float64 stores float64 but evaluates exp/log at float32
     precision (see tests/test_gate.py), so its float64 results are float32-accurate."""
-    return EPS["float32"] if backend == "mlx" else eps_of(backend, dtype)
+    return EPS["float32"] if backend == "mlx" else EPS[dtype]
 
 
 def to_np(x: Any) -> np.ndarray:
