@@ -25,6 +25,7 @@ Usage::
     nice -n 10 python .ci/mutate.py --sample 200 --seed 1 --jobs 2 --out mutants.json
     python .ci/mutate.py --list                  # count the candidate mutants, run nothing
     python .ci/mutate.py --modules gategrad/_math.py --sample 20
+    python .ci/mutate.py --rerun mutants.json --tests tests/test_new.py  # do new tests kill them?
 
 Not mutated: docstrings, strings and f-strings, annotations, imports, ``assert`` (type
 narrowing), statements marked ``pragma: no cover``, and the benchmark/lab tooling of the
@@ -179,6 +180,9 @@ class Mutant:
             f"{self.path}:{self.line}:{self.col} {self.op} "
             f"`{_short(self.original)}` -> `{_short(self.replacement)}`"
         )
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Mutant)}
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -495,6 +499,16 @@ def main(argv: list[str] | None = None) -> int:
         help="fixed per-mutant limit in seconds; skips the unmutated baseline runs",
     )
     ap.add_argument("--list", action="store_true", help="count the mutants and exit")
+    ap.add_argument(
+        "--rerun",
+        type=Path,
+        help="run only the mutants an earlier --out file lists as survived (same source lines)",
+    )
+    ap.add_argument(
+        "--tests",
+        nargs="+",
+        help="run these tests for every mutant instead of the module's TESTS selection",
+    )
     ap.add_argument("--out", type=Path, help="write every mutant's outcome as JSON")
     ap.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[], help="passed on")
     args = ap.parse_args(argv)
@@ -512,8 +526,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
     chosen = everything
-    if args.sample and args.sample < len(everything):
+    if args.rerun:
+        wanted = {
+            Mutant(**{k: v for k, v in d.items() if k in _FIELDS}).key
+            for d in json.loads(args.rerun.read_text())
+            if d["outcome"] == "survived"
+        }
+        chosen = [m for m in everything if m.key in wanted]
+        missing = len(wanted) - len(chosen)
+        print(f"--rerun: {len(chosen)} survivors found, {missing} no longer in the source")
+    elif args.sample and args.sample < len(everything):
         chosen = random.Random(args.seed).sample(everything, args.sample)
+    selection_of = (lambda path: list(args.tests)) if args.tests else TESTS.__getitem__
     chosen.sort(key=lambda m: (m.path, m.line, m.col))
     equivalent = load_equivalent()
 
@@ -527,13 +551,13 @@ def main(argv: list[str] | None = None) -> int:
         limits: dict[str, float] = {}
         baseline: dict[tuple[str, ...], float] = {}
         for path in sorted({m.path for m in chosen}):
-            selection = tuple(TESTS[path])
+            selection = tuple(selection_of(path))
             if args.limit:
                 limits[path] = args.limit
                 continue
             if selection not in baseline:
                 status, seconds, tail = run_tests(
-                    copies[0], TESTS[path], 3600, args.hypothesis_seed, args.pytest_args
+                    copies[0], selection_of(path), 3600, args.hypothesis_seed, args.pytest_args
                 )
                 if status != "pass":
                     print(f"the unmutated tests for {path} fail:\n{tail}", file=sys.stderr)
@@ -557,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 target.write_text(apply(original, m))
                 status, m.seconds, tail = run_tests(
-                    workdir, TESTS[m.path], limits[m.path], args.hypothesis_seed, args.pytest_args
+                    workdir,
+                    selection_of(m.path),
+                    limits[m.path],
+                    args.hypothesis_seed,
+                    args.pytest_args,
                 )
             finally:
                 target.write_text(original)
