@@ -220,6 +220,18 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _concrete(x: Any) -> Any:
+    """``x`` as a concrete array, or ``None`` when it is abstract (``jit``, ``vmap``).
+
+    Eager ``jax.grad``/``jax.vjp``/``jax.jvp`` wrap their inputs in tracers whose primal values
+    are concrete (``Tracer.to_concrete_value``): the value checks see those, so eager
+    differentiation refuses bad input exactly as a plain call does."""
+    if not _is_tracer(x):
+        return x
+    to_concrete = getattr(x, "to_concrete_value", None)
+    return None if to_concrete is None else to_concrete()
+
+
 class JaxBackend(Backend):
     """[`gategrad.Backend`][] for ``jax.Array`` (tracers included): a
     ``custom_vjp`` for ``scale_grad``, ``jax.jit`` to compile."""
@@ -267,10 +279,11 @@ class JaxBackend(Backend):
 
     def is_concrete(self, x: Array) -> bool:
         # A concrete constant closed over by a traced function still yields traced results:
-        # the checks test the value they inspect, so tracers are never inspected.
-        return not _is_tracer(x)
+        # the checks test the value they inspect, so abstract tracers are never inspected.
+        return _concrete(x) is not None
 
     def to_numpy(self, x: Array) -> Any:
+        x = _concrete(x) if _is_tracer(x) and _concrete(x) is not None else x
         if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)
         return np.asarray(x)

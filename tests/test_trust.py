@@ -667,3 +667,40 @@ def test_class10_metrics_is_an_attribute() -> None:
     code = "import gategrad; print('metrics' in dir(gategrad), gategrad.metrics.METRIC_NAMES[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "logp"], out.stderr[-2000:]
+
+
+# --- eager differentiation is eager: the value checks run under it ----------------------------
+
+
+@pytest.mark.parametrize("backend", AUTOGRAD)
+def test_eager_differentiation_runs_the_value_checks(backend) -> None:
+    """``jax.grad``/``mx.grad``/torch autograd outside ``jit``/``compile`` see concrete values
+    (JAX wraps them in tracers whose primal is concrete): a NaN log-prob, a bad label and an
+    empty mask are refused exactly as in a plain call, not let through as a NaN gradient."""
+    skip_unless(backend)
+    ok = from_numpy(backend, np.array([-1.0, -2.0], np.float32))
+    nan = from_numpy(backend, np.array([-1.0, np.nan], np.float32))
+
+    def loss(pc, pr):
+        return gategrad.preference_loss("sigmoid", pc, pr, ok, ok, beta=0.1)[0]
+
+    with pytest.raises(ValueError, match=r"policy_rejected_logps holds NaN .* row 1"):
+        gategrad.testing.value_and_grad(backend, loss, (ok, nan), argnums=(0, 1))
+    value, (g_c, g_r) = gategrad.testing.value_and_grad(backend, loss, (ok, ok), argnums=(0, 1))
+    assert np.isfinite(to_numpy(value)) and np.all(np.isfinite(to_numpy(g_r)))
+
+    logits = from_numpy(backend, np.zeros((1, 2, 3), np.float32))
+    labels = from_numpy(backend, np.array([[0, 3]]))
+    with pytest.raises(ValueError, match=r"labels"):
+        gategrad.testing.value_and_grad(
+            backend, lambda x: token_logps(x, labels)[0].sum(), (logits,), argnums=(0,)
+        )
+    mask = from_numpy(backend, np.array([[1, 1], [0, 0]], bool))
+    tok = from_numpy(backend, np.full((2, 2), -1.0, np.float32))
+    with pytest.raises(ValueError, match=r"mask is all zero in row 1"):
+        gategrad.testing.value_and_grad(
+            backend,
+            lambda r: gate_rejected(r, Gate(), mask=mask).sum(),
+            (tok,),
+            argnums=(0,),
+        )
