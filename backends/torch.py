@@ -219,11 +219,11 @@ def _fused_forward(hidden: Any, weight: Any, bias: Any, labels: Any, rows: int, 
             local = y - v0
             inside = (local >= 0) & (local < c)
             picked = z.gather(1, local.clamp(0, c - 1)[:, None])[:, 0].to(cd)
-            picked_rows = (
-                torch.where(inside, picked, 0.0)
-                if picked_rows is None
-                else torch.where(inside, picked, picked_rows)
-            )
+            # each (valid) label is inside exactly one tile, which overwrites the first's pick
+            if picked_rows is None:
+                picked_rows = picked
+            else:
+                picked_rows = torch.where(inside, picked, picked_rows)
             if inplace:
                 first = z[:, 0].to(cd, copy=True)  # before the tile is overwritten
                 ls = buf[: z.shape[0], :c] if low else z
