@@ -61,17 +61,28 @@ _NO_COMPILE = [
     "--deselect=tests/test_gate_rejected.py::test_vjp_under_torch_compile",
     "--deselect=tests/test_gate_rejected.py::test_vjp_under_mx_compile",
 ]
+#: Every module's mutants also run the trust and fuzz suites (bad input, traced contracts).
+_TRUST = ["tests/test_trust.py", "tests/test_fuzz.py"]
 _GATE = [
     "tests/test_spec_mutants.py",
+    "tests/test_spec_edges.py",
     "tests/test_gate.py",
     "tests/test_gate_rejected.py",
     "tests/test_losses.py",
     "tests/test_errors.py",
+    *_TRUST,
     *_NO_COMPILE,
 ]
-_LOSSES = ["tests/test_losses.py", "tests/test_spec_mutants.py", "tests/test_errors.py"]
+_LOSSES = [
+    "tests/test_losses.py",
+    "tests/test_spec_mutants.py",
+    "tests/test_spec_edges.py",
+    "tests/test_errors.py",
+    *_TRUST,
+]
 _BACKEND = [
     "tests/test_spec_mutants.py",
+    "tests/test_backend_edges.py",
     "tests/test_gate.py",
     "tests/test_gate_rejected.py",
     "tests/test_token_logps.py",
@@ -81,6 +92,8 @@ _BACKEND = [
     "tests/test_kit.py",
     "tests/test_conformance_softmax.py",
     "tests/test_backend_tooling.py",
+    "tests/test_errors.py",
+    *_TRUST,
 ]
 _CORE_K = ["-k", "not jax and not mlx"]  # backend-neutral code: NumPy and eager torch see it
 
@@ -93,7 +106,7 @@ def _only(fw: str) -> list[str]:
 TESTS: dict[str, list[str]] = {
     "gategrad/_gate.py": _GATE,
     "gategrad/_math.py": _GATE,
-    "gategrad/_core.py": [*_GATE, "tests/test_torch_hook.py"],
+    "gategrad/_core.py": [*_GATE, "tests/test_backend_edges.py", "tests/test_torch_hook.py"],
     "gategrad/losses.py": _LOSSES,
     "gategrad/_loss_registry.py": _LOSSES,
     "gategrad/_logps.py": [
@@ -101,9 +114,17 @@ TESTS: dict[str, list[str]] = {
         "tests/test_spec_mutants.py",
         "tests/test_errors.py",
         "tests/test_lab_metrics.py",
+        "tests/test_backend_edges.py",
+        *_TRUST,
     ],
     "backends/numpy.py": [*_BACKEND, *_NO_COMPILE, *_only("numpy")],
-    "backends/torch.py": [*_BACKEND, "tests/test_torch_hook.py", _NO_COMPILE[1], *_only("torch")],
+    "backends/torch.py": [
+        *_BACKEND,
+        "tests/test_torch_kernels.py",
+        "tests/test_torch_hook.py",
+        _NO_COMPILE[1],
+        *_only("torch"),
+    ],
     "backends/jax.py": [*_BACKEND, "tests/test_jax_optax.py", *_NO_COMPILE, *_only("jax")],
     "backends/mlx.py": [*_BACKEND, _NO_COMPILE[0], *_only("mlx")],
 }
